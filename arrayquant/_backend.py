@@ -1,0 +1,106 @@
+"""Namespace and dtype helpers shared by the core.
+
+The core finds the array namespace from its inputs (array-api-compat) and only
+calls array API functions on it. The helpers here answer static questions
+about dtypes with Python values, never by looking at array contents.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "namespace",
+    "is_numpy",
+    "is_jax",
+    "float_dtype",
+    "dtype_name",
+    "is_float_dtype",
+    "compute_dtype",
+    "int_dtype",
+    "finfo_limits",
+    "is_concrete",
+]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def namespace(*arrays):
+    """The array API namespace of the given arrays (``None`` entries are ignored)."""
+    return array_api_compat.array_namespace(*(a for a in arrays if a is not None))
+
+
+def is_numpy(xp) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_jax(xp) -> bool:
+    return array_api_compat.is_jax_namespace(xp)
+
+
+def dtype_name(dtype) -> str:
+    """A dtype's plain name ("float32", "bfloat16", "int8") for any namespace."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).rsplit(".", 1)[-1]
+
+
+def is_float_dtype(dtype) -> bool:
+    return dtype_name(dtype) in _FLOAT_NAMES
+
+
+def float_dtype(xp, name):
+    """The floating dtype called ``name`` (or given as a dtype) in namespace ``xp``.
+
+    bfloat16 comes from ml_dtypes for NumPy and from ``xp.bfloat16`` elsewhere.
+
+    Raises:
+        ValueError: ``name`` is not a floating dtype, or ``xp`` lacks it.
+    """
+    key = name if isinstance(name, str) else dtype_name(name)
+    if key not in _FLOAT_NAMES:
+        raise ValueError(
+            f"expected a floating dtype, one of {', '.join(_FLOAT_NAMES)}; got {name!r}"
+        )
+    if key == "bfloat16" and is_numpy(xp):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    dtype = getattr(xp, key, None)
+    if dtype is None:
+        raise ValueError(f"the array namespace {xp.__name__} has no {key} dtype")
+    return dtype
+
+
+def int_dtype(xp, name: str):
+    return getattr(xp, name)
+
+
+def compute_dtype(xp, dtype):
+    """The dtype scales and quantization are computed in: float64 stays, the rest float32."""
+    return xp.float64 if dtype_name(dtype) == "float64" else xp.float32
+
+
+def finfo_limits(dtype) -> tuple[float, float]:
+    """(smallest normal, largest finite) of a floating dtype, as Python floats."""
+    name = dtype_name(dtype)
+    if name == "bfloat16":
+        import ml_dtypes
+
+        info = ml_dtypes.finfo(ml_dtypes.bfloat16)
+    else:
+        info = np.finfo(np.dtype(name))
+    return float(info.smallest_normal), float(info.max)
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values that can be inspected now (not a JAX tracer)."""
+    if "jax" in sys.modules:
+        from ._jax import is_tracer
+
+        return not is_tracer(x)
+    return True

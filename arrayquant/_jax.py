@@ -1,0 +1,94 @@
+"""JAX-specific glue, imported only once JAX itself is imported.
+
+- registers :class:`arrayquant.QArray` as a pytree (array fields are children,
+  the rest is static metadata), so it passes through ``jax.jit``, ``jax.vmap``
+  and ``jax.tree_util``;
+- tells tracers from concrete arrays, so eager-only checks can be skipped
+  under ``jit``;
+- a checkify-compatible finiteness check.
+
+``arrayquant`` never imports JAX on its own: :func:`install_hook` arranges for
+:func:`register_pytrees` to run right after the user's own ``import jax``.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+_registered = False
+
+
+def register_pytrees() -> None:
+    """Register arrayquant's containers with ``jax.tree_util`` (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import jax
+
+    from .qarray import QArray
+
+    _registered = True
+    jax.tree_util.register_pytree_with_keys(
+        QArray,
+        lambda qa: (
+            tuple(
+                (jax.tree_util.GetAttrKey(name), getattr(qa, name))
+                for name in QArray._children
+            ),
+            qa._static(),
+        ),
+        lambda static, children: QArray._from_parts(static, children),
+        flatten_func=lambda qa: (
+            tuple(getattr(qa, name) for name in QArray._children),
+            qa._static(),
+        ),
+    )
+
+
+def is_tracer(x) -> bool:
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_finite(x, what: str = "x") -> None:
+    """``checkify.check`` that every element of ``x`` is finite (use under checkify)."""
+    import jax.numpy as jnp
+    from jax.experimental import checkify
+
+    checkify.check(
+        jnp.all(jnp.isfinite(x)),
+        f"{what} holds NaN or infinite values; quantization needs finite input",
+    )
+
+
+class _AfterJaxImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs :func:`register_pytrees` once the module ``jax`` has finished importing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "jax":
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
+        spec = importlib.util.find_spec("jax")
+        if spec is None or spec.loader is None:
+            return None
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        register_pytrees()
+
+
+def install_hook() -> None:
+    """Register now if JAX is already imported, else right after it is."""
+    if "jax" in sys.modules:
+        register_pytrees()
+    elif not any(isinstance(f, _AfterJaxImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterJaxImport())

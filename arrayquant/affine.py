@@ -1,0 +1,401 @@
+"""Linear (affine) quantization: scales and zero points, quantize, dequantize.
+
+The semantics, in one place:
+
+- Asymmetric: the range is first extended to hold zero,
+  ``r_min = min(min(x), 0)`` and ``r_max = max(max(x), 0)``, so that 0.0 is
+  always exactly representable. Then ``s = (r_max / 2 - r_min / 2) * (2 /
+  (q_max - q_min))`` with the constant rounded to the compute dtype: the
+  lesson's ``(r_max - r_min) / (q_max - q_min)``, written so that it cannot
+  overflow for huge inputs and so that NumPy and XLA (which turns a division
+  by a constant into a multiplication by its reciprocal, and may fuse
+  multiply-adds) compute the same bits. Then
+  ``z = clip(round(q_min - r_min / s), q_min, q_max)``, stored as an integer.
+- Symmetric: ``s = max|x| * (1 / q_max)``, no zero point, codes restricted to
+  ``[-q_max, q_max]`` so that quantization is odd-symmetric.
+- Every scale is clipped to ``[max(smallest normal of the scale dtype,
+  4 * smallest normal of the compute dtype), min(largest finite, 1 / smallest
+  normal)]`` before it is stored, so constant or all-zero blocks get a finite,
+  non-zero scale. Range ends smaller than twice the compute dtype's smallest
+  normal (2.4e-38 in float32) count as zero: XLA flushes subnormals, and doing
+  it explicitly keeps every backend identical. Codes are computed from the
+  *stored* scale. With 2-bit codes, inputs beyond about 8e37 (float32)
+  saturate because the scale is capped at 1 / smallest normal.
+- Quantize: ``q = clip(round(x * (1 / s)) + z, q_min, q_max)`` then cast,
+  where ``round`` is round-half-to-even. The reciprocal is taken once per
+  block: XLA rewrites ``x / s`` with a broadcast ``s`` into exactly this, so
+  writing it out keeps NumPy and JAX bit-identical (it can differ from
+  ``round(x / s)`` by one code when ``x / s`` lies within an ulp of a half).
+- Dequantize: ``x_hat = s * (q - z)``.
+- Arithmetic runs in float32 (float64 for float64 input); float16 and
+  bfloat16 inputs are upcast first.
+"""
+
+from __future__ import annotations
+
+from ._backend import (
+    compute_dtype,
+    dtype_name,
+    finfo_limits,
+    float_dtype,
+    int_dtype,
+    is_concrete,
+    is_float_dtype,
+    is_numpy,
+    namespace,
+)
+from ._blocking import Blocking, plan, plan_from_scale
+from ._qtypes import QType, as_qtype
+from .qarray import QArray
+
+__all__ = ["qparams", "quantize_with", "dequantize_with", "quantize", "dequantize"]
+
+# Tests flip this to compare the NumPy fast path with the generic one.
+_USE_NUMPY_FAST_PATH = True
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_float_input(x, xp) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"expected an array, got {type(x).__name__}")
+    if not is_float_dtype(x.dtype):
+        raise TypeError(
+            f"quantization needs a floating-point array (float16, bfloat16, float32 or "
+            f"float64); got dtype {dtype_name(x.dtype)}"
+        )
+
+
+def _raise_if_not_finite(xp, *arrays, what: str = "x") -> None:
+    """Eager-only check (skipped for JAX tracers): NaN or inf raises ValueError."""
+    for a in arrays:
+        if a is None or not is_concrete(a):
+            continue
+        if not bool(xp.all(xp.isfinite(a))):
+            raise ValueError(
+                f"{what} holds NaN or infinite values; quantization needs finite input "
+                "(under jax.jit this check cannot run: see arrayquant.check_finite)"
+            )
+
+
+def _scale_dtype(xp, scale_dtype):
+    dt = float_dtype(xp, scale_dtype)
+    return dt
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _to_view(x, b: Blocking, xp):
+    """Pad (with zeros) to whole blocks, then reshape into the split view."""
+    if b.needs_padding:
+        for d, p in enumerate(b.padding):
+            if p:
+                pad_shape = tuple(p if i == d else n for i, n in enumerate(x.shape))
+                x = xp.concat([x, xp.zeros(pad_shape, dtype=x.dtype)], axis=d)
+    return xp.reshape(x, b.view_shape)
+
+
+def _from_view(v, b: Blocking, xp):
+    v = xp.reshape(v, b.padded_shape)
+    if b.needs_padding:
+        v = v[tuple(slice(0, n) for n in b.shape)]
+    return v
+
+
+# --------------------------------------------------------------------------- math on views
+
+
+def _params_from_range(rmin, rmax, qt: QType, symmetric: bool, sdt, cdt, xp):
+    """Scale (stored dtype) and zero point (storage int, or None) from block ranges.
+
+    Written so that NumPy and XLA produce the same bits: XLA flushes subnormals
+    to zero, turns divisions by constants into multiplications, and may fuse
+    a * b - c * d into an FMA. So range ends below 2 * tiny are flushed to zero
+    here explicitly, the scale is floored at 4 * tiny (a flushed value or a
+    subnormal input then always rounds to the zero point, within s / 2) and
+    capped at 1 / tiny (so 1 / s stays normal), and every product is either
+    exact (halving) or not fusable.
+    """
+    tiny_c, _ = finfo_limits(cdt)
+    tiny_s, big_s = finfo_limits(sdt)
+    lo = max(tiny_s, 4.0 * tiny_c)
+    hi = min(big_s, 1.0 / tiny_c)
+    zero = xp.zeros_like(rmin)
+    if symmetric:
+        amax = xp.maximum(rmax, -rmin)
+        amax = xp.where(amax < 2.0 * tiny_c, zero, amax)
+        s = amax * (1.0 / qt.qmax)
+    else:
+        rmin = xp.where(rmin > -2.0 * tiny_c, zero, rmin)  # also extends the range to 0
+        rmax = xp.where(rmax < 2.0 * tiny_c, zero, rmax)
+        # Halving is exact for these values and keeps r_max - r_min from overflowing.
+        s = (rmax * 0.5 - rmin * 0.5) * (2.0 / (qt.qmax - qt.qmin))
+    s = xp.astype(xp.clip(s, lo, hi), sdt)
+    if symmetric:
+        return s, None
+    s_c = xp.astype(s, cdt)
+    z = xp.clip(xp.round(float(qt.qmin) - rmin / s_c), float(qt.qmin), float(qt.qmax))
+    return s, xp.astype(z, int_dtype(xp, qt.storage))
+
+
+def _clip_range(qt: QType, symmetric: bool) -> tuple[float, float]:
+    if symmetric:
+        return float(max(qt.qmin, -qt.qmax)), float(qt.qmax)
+    return float(qt.qmin), float(qt.qmax)
+
+
+def _quantize_view(xv, s, z, qt: QType, cdt, xp):
+    lo, hi = _clip_range(qt, z is None)
+    # x * (1 / s), not x / s: XLA rewrites a division by a broadcast scale into
+    # this form, so writing it out keeps NumPy and JAX codes bit-identical.
+    inv = 1.0 / xp.astype(s, cdt)
+    q = xp.round(xv * inv)
+    if z is not None:
+        q = q + xp.astype(z, cdt)
+    return xp.astype(xp.clip(q, lo, hi), int_dtype(xp, qt.storage))
+
+
+def _ranges(xv, b: Blocking, xp):
+    axes = b.reduce_axes
+    return (
+        xp.min(xv, axis=axes, keepdims=True),
+        xp.max(xv, axis=axes, keepdims=True),
+    )
+
+
+def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp):
+    cdt = compute_dtype(xp, x.dtype)
+    sdt = _scale_dtype(xp, scale_dtype)
+    if _USE_NUMPY_FAST_PATH and is_numpy(xp):
+        from ._numpy_fast import qparams_and_codes
+
+        return qparams_and_codes(x, qt, symmetric, b, sdt, want_codes, _params_from_range)
+    xv = _to_view(xp.astype(x, cdt), b, xp)
+    rmin, rmax = _ranges(xv, b, xp)
+    # min/max propagate NaN and inf, so checking the (small) ranges is enough.
+    _raise_if_not_finite(xp, rmin, rmax)
+    s, z = _params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
+    codes = _from_view(_quantize_view(xv, s, z, qt, cdt, xp), b, xp) if want_codes else None
+    s = xp.reshape(s, b.scale_shape)
+    z = None if z is None else xp.reshape(z, b.scale_shape)
+    return s, z, codes
+
+
+def _resolve(x, dtype, symmetric, axis, group_size, group_axis):
+    xp = namespace(x)
+    _check_float_input(x, xp)
+    qt = as_qtype(dtype)
+    if symmetric and not qt.signed:
+        raise ValueError(
+            f"symmetric=True needs a signed dtype (zero point 0 leaves no room for negative "
+            f"values in {qt.name}); use {qt.name[1:]} or symmetric=False"
+        )
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    b = plan(tuple(x.shape), axis, group_size, group_axis)
+    return xp, qt, b
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def qparams(
+    x,
+    dtype="int8",
+    symmetric: bool = False,
+    axis=None,
+    group_size: int | None = None,
+    group_axis: int = -1,
+    *,
+    scale_dtype="float32",
+):
+    """Scale and zero point that map the range of ``x`` onto the codes of ``dtype``.
+
+    Granularity: ``axis=None, group_size=None`` gives one scale for the whole
+    tensor; ``axis=k`` (or a tuple) one scale per index along those axes,
+    reducing over the others (``axis=0`` on an (out, in) weight is per output
+    channel); ``group_size=g`` one scale per ``g`` consecutive elements along
+    ``group_axis`` and per index of every other axis (the last group may be
+    partial).
+
+    Asymmetric: ``r_min = min(min(x), 0)``, ``r_max = max(max(x), 0)``,
+    ``s = (r_max - r_min) / (q_max - q_min)``,
+    ``z = clip(round(q_min - r_min / s), q_min, q_max)``. Symmetric:
+    ``s = max|x| / q_max`` and no zero point. Scales are clipped to the scale
+    dtype's ``[smallest normal, max]``; rounding is half to even.
+
+    Args:
+        x: floating array (float16, bfloat16, float32, float64).
+        dtype: quantized type: ``"int8"``, ``"uint8"``, ``"int16"``, ``"uint16"``,
+            ``"int4"``, ``"uint4"``, ``"int2"``, ``"uint2"``, or an integer dtype.
+        symmetric: symmetric quantization (signed types only).
+        axis, group_size, group_axis: granularity, see above.
+        scale_dtype: dtype of the returned scale (default float32).
+
+    Returns:
+        ``(scale, zero_point)``, both of the rank of ``x`` with
+        ``ceil(n_d / block_d)`` entries along dimension ``d``. ``zero_point``
+        has the codes' storage dtype (int8/uint8/int16/uint16), or is ``None``
+        when ``symmetric``.
+
+    Raises:
+        TypeError: ``x`` is not a floating array; an axis is not an int.
+        ValueError: unknown ``dtype``; axis out of range; ``group_size <= 0``;
+            both ``axis`` and ``group_size``; symmetric with an unsigned type;
+            NaN or inf in ``x`` (eager mode only).
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> x = np.array([[191.6, -13.5, 728.6], [92.14, 295.5, -184], [0, 684.6, 245.5]],
+        ...              dtype=np.float32)
+        >>> s, z = aq.qparams(x, "int8")
+        >>> round(float(s[0, 0]), 4), int(z[0, 0])
+        (3.5788, -77)
+    """
+    xp, qt, b = _resolve(x, dtype, symmetric, axis, group_size, group_axis)
+    s, z, _ = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, False, xp)
+    return s, z
+
+
+def _check_qparams(x_shape, scale, zero_point, group_size, group_axis) -> Blocking:
+    if not hasattr(scale, "shape"):
+        raise TypeError(f"scale must be an array, got {type(scale).__name__}")
+    if not is_float_dtype(scale.dtype):
+        raise TypeError(f"scale must be a floating array; got dtype {dtype_name(scale.dtype)}")
+    if zero_point is not None:
+        if tuple(zero_point.shape) != tuple(scale.shape):
+            raise ValueError(
+                f"zero_point of shape {tuple(zero_point.shape)} does not match scale of shape "
+                f"{tuple(scale.shape)}; expected the same shape"
+            )
+        if is_float_dtype(zero_point.dtype) or dtype_name(zero_point.dtype) == "bool":
+            raise TypeError(
+                f"zero_point must be an integer array; got dtype {dtype_name(zero_point.dtype)}"
+            )
+    return plan_from_scale(tuple(x_shape), tuple(scale.shape), group_size, group_axis)
+
+
+def quantize_with(
+    x, scale, zero_point=None, dtype="int8", *, group_size=None, group_axis: int = -1
+):
+    """Codes ``clip(round(x * (1 / scale)) + zero_point, q_min, q_max)`` in the storage dtype.
+
+    ``scale`` and ``zero_point`` are as returned by :func:`qparams`: the rank of
+    ``x``, dimension ``d`` holding ``ceil(n_d / block_d)`` entries. The block
+    size along each dimension is ``ceil(n_d / s_d)``; pass ``group_size`` (and
+    ``group_axis``) when a partial last group makes that ambiguous. With
+    ``zero_point=None`` (symmetric) codes are restricted to ``[-q_max, q_max]``.
+    Rounding is half to even; values are clipped before the cast.
+
+    Returns:
+        integer array shaped like ``x``: int8/uint8 for 2-, 4- and 8-bit types,
+        int16/uint16 for 16-bit ones.
+
+    Raises:
+        TypeError: non-float ``x`` or ``scale``; non-integer ``zero_point``.
+        ValueError: unknown ``dtype``; scale / zero point shapes that do not
+            fit ``x`` or each other; NaN or inf in ``x`` (eager mode only).
+    """
+    xp = namespace(x, scale, zero_point)
+    _check_float_input(x, xp)
+    qt = as_qtype(dtype)
+    b = _check_qparams(x.shape, scale, zero_point, group_size, group_axis)
+    _raise_if_not_finite(xp, x)
+    cdt = compute_dtype(xp, x.dtype)
+    xv = _to_view(xp.astype(x, cdt), b, xp)
+    s = xp.reshape(scale, b.scale_view_shape)
+    z = None if zero_point is None else xp.reshape(zero_point, b.scale_view_shape)
+    return _from_view(_quantize_view(xv, s, z, qt, cdt, xp), b, xp)
+
+
+def _dequantize_codes(codes, scale, zero_point, b: Blocking, out_dtype, xp):
+    cdt = xp.result_type(compute_dtype(xp, scale.dtype), compute_dtype(xp, out_dtype))
+    cv = _to_view(xp.astype(codes, cdt), b, xp)
+    if zero_point is not None:
+        cv = cv - xp.astype(xp.reshape(zero_point, b.scale_view_shape), cdt)
+    out = cv * xp.astype(xp.reshape(scale, b.scale_view_shape), cdt)
+    return xp.astype(_from_view(out, b, xp), out_dtype)
+
+
+def dequantize_with(
+    codes, scale, zero_point=None, *, dtype=None, group_size=None, group_axis: int = -1
+):
+    """``scale * (codes - zero_point)``, the inverse of :func:`quantize_with`.
+
+    Computed in float32 (float64 when ``scale`` or ``dtype`` is float64) and
+    returned in ``dtype`` (default: float32, or float64 for float64 scales).
+    Block sizes are found as in :func:`quantize_with`.
+
+    Raises:
+        TypeError: ``codes`` not integer, ``scale`` not float.
+        ValueError: shapes of scale / zero point that do not fit ``codes``.
+    """
+    xp = namespace(codes, scale, zero_point)
+    if not hasattr(codes, "dtype") or is_float_dtype(codes.dtype):
+        raise TypeError(
+            "codes must be an integer array; got "
+            + (f"dtype {dtype_name(codes.dtype)}" if hasattr(codes, "dtype") else repr(codes))
+        )
+    b = _check_qparams(codes.shape, scale, zero_point, group_size, group_axis)
+    out_dtype = compute_dtype(xp, scale.dtype) if dtype is None else float_dtype(xp, dtype)
+    return _dequantize_codes(codes, scale, zero_point, b, out_dtype, xp)
+
+
+def quantize(
+    x,
+    dtype="int8",
+    symmetric: bool = False,
+    axis=None,
+    group_size: int | None = None,
+    group_axis: int = -1,
+    *,
+    scale_dtype="float32",
+) -> QArray:
+    """Quantize ``x`` into a :class:`QArray` (scale and zero point from :func:`qparams`).
+
+    Same arguments and errors as :func:`qparams`. Sub-byte types (int2, int4,
+    uint2, uint4) are stored packed along the last axis (see
+    :mod:`arrayquant.packing`); ``qa.codes`` always gives one code per element.
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> qa = aq.quantize(np.linspace(-1, 1, 8, dtype=np.float32), "int4", symmetric=True)
+        >>> qa.codes.tolist()
+        [-7, -5, -3, -1, 1, 3, 5, 7]
+        >>> float(np.max(np.abs(aq.dequantize(qa) - np.linspace(-1, 1, 8)))) < 0.1
+        True
+    """
+    xp, qt, b = _resolve(x, dtype, symmetric, axis, group_size, group_axis)
+    s, z, codes = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp)
+    return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), xp)
+
+
+def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, xp) -> QArray:
+    packed_axis = None
+    if qt.bits < 8 and len(b.shape) > 0:
+        from .packing import pack
+
+        packed_axis = len(b.shape) - 1
+        codes = pack(codes, qt.bits, axis=packed_axis, _checked=True)
+    return QArray(codes, s, z, qt.name, b.shape, orig_dtype, b.block, packed_axis)
+
+
+def dequantize(qa: QArray, dtype=None):
+    """``scale * (codes - zero_point)`` of a :class:`QArray`, in its original dtype.
+
+    Packed codes are unpacked on the fly. ``dtype`` overrides the output dtype.
+
+    Raises:
+        TypeError: ``qa`` is not a QArray.
+    """
+    if not isinstance(qa, QArray):
+        raise TypeError(
+            f"dequantize expects an arrayquant.QArray, got {type(qa).__name__}; "
+            "for bare codes use dequantize_with(codes, scale, zero_point)"
+        )
+    xp = namespace(qa.data, qa.scale, qa.zero_point)
+    out_dtype = float_dtype(xp, qa.dtype if dtype is None else dtype)
+    b = Blocking(qa.shape, qa.block_shape)
+    return _dequantize_codes(qa.codes, qa.scale, qa.zero_point, b, out_dtype, xp)

@@ -1,0 +1,152 @@
+"""Sub-byte storage: pack 1-, 2- and 4-bit codes into bytes, and back.
+
+Layout (the ONNX int4 / int2 layout): along the packed axis, ``8 // bits``
+consecutive values share one byte, the first value in the least-significant
+bits. Value ``i`` of a group sits at bits ``[i * bits, (i + 1) * bits)``.
+Signed codes are stored as ``bits``-bit two's complement and sign-extended by
+:func:`unpack`. A length that is not a multiple of ``8 // bits`` is padded
+with zero bits; :func:`unpack` takes the original length and drops them.
+
+Example: the 2-bit values 1, 0, 3, 2 pack into ``0b10_11_00_01 = 177``.
+
+Everything is array API integer and bitwise arithmetic, so it runs unchanged on
+NumPy, JAX (under jit and vmap) and array-api-strict.
+"""
+
+from __future__ import annotations
+
+from ._backend import dtype_name, is_concrete, namespace
+from ._blocking import normalize_axis
+
+__all__ = ["pack", "unpack", "packed_length"]
+
+_BITS = (1, 2, 4, 8)
+_INT_NAMES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in _BITS:
+        raise ValueError(f"bits must be one of {_BITS}; got {bits!r}")
+    return bits
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Bytes needed for ``length`` values of ``bits`` bits: ``ceil(length * bits / 8)``."""
+    return -(-length * _check_bits(bits) // 8)
+
+
+def _check_range(codes, bits: int, signed, xp) -> None:
+    if not is_concrete(codes) or codes.size == 0:
+        return
+    lo = -(1 << (bits - 1)) if signed in (True, None) else 0
+    hi = (1 << bits) - 1 if signed in (False, None) else (1 << (bits - 1)) - 1
+    bad = xp.logical_or(codes < lo, codes > hi)
+    if bool(xp.any(bad)):
+        kind = {True: "signed", False: "unsigned", None: "signed or unsigned"}[signed]
+        raise ValueError(
+            f"codes hold values outside the {kind} {bits}-bit range [{lo}, {hi}] "
+            f"(min {int(xp.min(codes))}, max {int(xp.max(codes))}); they cannot be packed "
+            f"into {bits} bits"
+        )
+
+
+def pack(codes, bits: int, axis: int = -1, *, signed: bool | None = None, _checked=False):
+    """Pack integer ``codes`` of ``bits`` bits into a uint8 array along ``axis``.
+
+    The output has ``ceil(n * bits / 8)`` bytes along ``axis`` (``n`` codes) and
+    the input's size elsewhere; the first value goes in the low bits (see the
+    module docstring). ``bits=8`` stores the codes' 8-bit pattern as uint8.
+
+    Args:
+        codes: integer array (any integer dtype).
+        bits: 1, 2, 4 or 8.
+        axis: the axis whose consecutive values share a byte.
+        signed: if given, the range the codes are checked against; by default
+            either the signed or the unsigned ``bits``-bit range is accepted.
+
+    Raises:
+        TypeError: ``codes`` is not an integer array.
+        ValueError: ``bits`` not in {1, 2, 4, 8}; codes out of range (eager mode);
+            ``axis`` out of range; a 0-d array.
+    """
+    bits = _check_bits(bits)
+    xp = namespace(codes)
+    if dtype_name(codes.dtype) not in _INT_NAMES:
+        raise TypeError(
+            f"pack needs an integer array of codes; got dtype {dtype_name(codes.dtype)}"
+        )
+    if codes.ndim == 0:
+        raise ValueError("pack needs an array of at least 1 dimension; got a 0-d array")
+    axis = normalize_axis(axis, codes.ndim)
+    if not _checked:
+        _check_range(codes, bits, signed, xp)
+    mask = (1 << bits) - 1
+    # Two's complement bits of the low `bits`, computed in the codes' own dtype:
+    # bitwise_and is defined on negative integers, the result is non-negative.
+    if bits == 8 and dtype_name(codes.dtype) != "uint8":
+        codes = xp.astype(codes, xp.int16)  # so that the mask 0xFF fits the dtype
+    v = xp.astype(xp.bitwise_and(codes, mask), xp.uint8)
+    if bits == 8:
+        return v
+    per = 8 // bits
+    v = xp.moveaxis(v, axis, -1)
+    n = v.shape[-1]
+    m = -(-n // per)
+    if m * per != n:
+        pad = xp.zeros((*v.shape[:-1], m * per - n), dtype=xp.uint8)
+        v = xp.concat([v, pad], axis=-1)
+    v = xp.reshape(v, (*v.shape[:-1], m, per))
+    out = v[..., 0]
+    for k in range(1, per):
+        out = xp.bitwise_or(out, xp.bitwise_left_shift(v[..., k], k * bits))
+    return xp.moveaxis(out, -1, axis)
+
+
+def unpack(packed, bits: int, length: int, axis: int = -1, *, signed: bool):
+    """Unpack ``length`` codes of ``bits`` bits per row of ``packed`` along ``axis``.
+
+    The inverse of :func:`pack`: returns int8 codes (sign-extended from
+    ``bits``-bit two's complement) when ``signed``, else uint8 codes, with
+    ``length`` entries along ``axis``.
+
+    Raises:
+        TypeError: ``packed`` is not uint8.
+        ValueError: ``bits`` not in {1, 2, 4, 8}; ``packed.shape[axis]`` is not
+            ``ceil(length * bits / 8)``; ``axis`` out of range.
+    """
+    bits = _check_bits(bits)
+    xp = namespace(packed)
+    if dtype_name(packed.dtype) != "uint8":
+        raise TypeError(f"unpack needs a uint8 array; got dtype {dtype_name(packed.dtype)}")
+    if packed.ndim == 0:
+        raise ValueError("unpack needs an array of at least 1 dimension; got a 0-d array")
+    axis = normalize_axis(axis, packed.ndim)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int; got {length!r}")
+    need = packed_length(length, bits)
+    if packed.shape[axis] != need:
+        raise ValueError(
+            f"packed has {packed.shape[axis]} bytes along axis {axis}, but {length} values of "
+            f"{bits} bits need {need}"
+        )
+    if bits == 8:
+        v = packed
+    else:
+        per = 8 // bits
+        mask = (1 << bits) - 1
+        p = xp.moveaxis(packed, axis, -1)
+        parts = [
+            xp.bitwise_and(xp.bitwise_right_shift(p, k * bits) if k else p, mask)
+            for k in range(per)
+        ]
+        v = xp.reshape(xp.stack(parts, axis=-1), (*p.shape[:-1], p.shape[-1] * per))
+        v = xp.moveaxis(v[..., :length], -1, axis)
+    if not signed:
+        return v
+    # Sign-extend: values with the top bit set are v - 2**bits.
+    half = 1 << (bits - 1)
+    if bits == 8:
+        wide = xp.astype(v, xp.int16)
+        return xp.astype(xp.where(wide >= half, wide - 256, wide), xp.int8)
+    s = xp.astype(v, xp.int8)
+    return xp.where(s >= half, s - (1 << bits), s)
