@@ -10,7 +10,15 @@ from ._jax import install_hook as _install_jax_hook
 from ._qtypes import QType, as_qtype
 from .affine import dequantize, dequantize_with, qparams, quantize, quantize_with
 from .metrics import max_abs_error, mse, sqnr_db
-from .packing import pack, packed_length, unpack
+from .packing import (
+    from_high_nibble_first,
+    from_planar,
+    pack,
+    packed_length,
+    to_high_nibble_first,
+    to_planar,
+    unpack,
+)
 from .plotting import plot_quantization_error
 from .qarray import QArray
 from .validation import all_finite, check_finite
@@ -25,6 +33,8 @@ __all__ = [
     "check_finite",
     "dequantize",
     "dequantize_with",
+    "from_high_nibble_first",
+    "from_planar",
     "max_abs_error",
     "mse",
     "pack",
@@ -34,6 +44,8 @@ __all__ = [
     "quantize",
     "quantize_with",
     "sqnr_db",
+    "to_high_nibble_first",
+    "to_planar",
     "unpack",
 ]
 

@@ -49,4 +49,9 @@ def sqnr_db(x, x_hat):
     d = a - b
     signal = xp.sum(a * a)
     noise = xp.sum(d * d)
-    return 10.0 * (xp.log(signal) - xp.log(noise)) / math.log(10.0)
+    one = xp.ones_like(noise)
+    # log of zero warns on NumPy: take logs of safe values, then pick the limits.
+    db = (xp.log(xp.where(signal > 0, signal, one)) - xp.log(xp.where(noise > 0, noise, one)))
+    db = 10.0 * db / math.log(10.0)
+    inf = xp.full_like(noise, math.inf)
+    return xp.where(noise > 0, xp.where(signal > 0, db, -inf), inf)

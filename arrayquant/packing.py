@@ -15,10 +15,19 @@ NumPy, JAX (under jit and vmap) and array-api-strict.
 
 from __future__ import annotations
 
-from ._backend import dtype_name, is_concrete, namespace
+from . import _numpy_packing as _np_fast
+from ._backend import dtype_name, is_concrete, is_numpy, namespace
 from ._blocking import normalize_axis
 
-__all__ = ["pack", "unpack", "packed_length"]
+__all__ = [
+    "pack",
+    "unpack",
+    "packed_length",
+    "to_high_nibble_first",
+    "from_high_nibble_first",
+    "to_planar",
+    "from_planar",
+]
 
 _BITS = (1, 2, 4, 8)
 _INT_NAMES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
@@ -40,12 +49,12 @@ def _check_range(codes, bits: int, signed, xp) -> None:
         return
     lo = -(1 << (bits - 1)) if signed in (True, None) else 0
     hi = (1 << bits) - 1 if signed in (False, None) else (1 << (bits - 1)) - 1
-    bad = xp.logical_or(codes < lo, codes > hi)
-    if bool(xp.any(bad)):
+    mn, mx = int(xp.min(codes)), int(xp.max(codes))  # eager only: concrete arrays
+    if mn < lo or mx > hi:
         kind = {True: "signed", False: "unsigned", None: "signed or unsigned"}[signed]
         raise ValueError(
             f"codes hold values outside the {kind} {bits}-bit range [{lo}, {hi}] "
-            f"(min {int(xp.min(codes))}, max {int(xp.max(codes))}); they cannot be packed "
+            f"(min {mn}, max {mx}); they cannot be packed "
             f"into {bits} bits"
         )
 
@@ -80,6 +89,8 @@ def pack(codes, bits: int, axis: int = -1, *, signed: bool | None = None, _check
     axis = normalize_axis(axis, codes.ndim)
     if not _checked:
         _check_range(codes, bits, signed, xp)
+    if bits < 8 and is_numpy(xp) and _np_fast.can_use(codes, bits, axis):
+        return _np_fast.pack_last(codes, bits)
     mask = (1 << bits) - 1
     # Two's complement bits of the low `bits`, computed in the codes' own dtype:
     # bitwise_and is defined on negative integers, the result is non-negative.
@@ -131,6 +142,8 @@ def unpack(packed, bits: int, length: int, axis: int = -1, *, signed: bool):
         )
     if bits == 8:
         v = packed
+    elif is_numpy(xp) and _np_fast.can_use(packed, bits, axis):
+        return _np_fast.unpack_last(packed, bits, length, bool(signed))
     else:
         per = 8 // bits
         mask = (1 << bits) - 1
@@ -150,3 +163,75 @@ def unpack(packed, bits: int, length: int, axis: int = -1, *, signed: bool):
         return xp.astype(xp.where(wide >= half, wide - 256, wide), xp.int8)
     s = xp.astype(v, xp.int8)
     return xp.where(s >= half, s - (1 << bits), s)
+
+
+# --------------------------------------------------------------------------- interop layouts
+
+
+def _swap_nibbles(packed):
+    xp = namespace(packed)
+    if dtype_name(packed.dtype) != "uint8":
+        raise TypeError(f"expected packed uint8 bytes; got dtype {dtype_name(packed.dtype)}")
+    return xp.bitwise_or(
+        xp.bitwise_left_shift(xp.bitwise_and(packed, 0x0F), 4), xp.bitwise_right_shift(packed, 4)
+    )
+
+
+def to_high_nibble_first(packed):
+    """Convert 4-bit bytes from arrayquant's low-nibble-first layout to high-nibble-first.
+
+    High-nibble-first (bitsandbytes' 4-bit layout) keeps adjacent pairs in one
+    byte like arrayquant does, but puts the *first* value in bits 4..7. The
+    conversion swaps the nibbles of every byte, so it is its own inverse.
+    """
+    return _swap_nibbles(packed)
+
+
+def from_high_nibble_first(packed):
+    """Convert 4-bit bytes from high-nibble-first (bitsandbytes) to arrayquant's layout."""
+    return _swap_nibbles(packed)
+
+
+def to_planar(packed, bits: int, length: int, axis: int = -1):
+    """Convert arrayquant-packed bytes to the planar layout along ``axis``.
+
+    Planar (optimum-quanto / HQQ style): with ``per = 8 // bits`` and ``R =
+    length / per``, byte ``i`` holds value ``i + k * R`` in bits ``[k * bits,
+    (k + 1) * bits)``: rows ``[0, R)`` fill the low bits, rows ``[R, 2R)`` the
+    next ones, and so on. Values are moved as raw bit patterns (sign is kept).
+
+    Raises:
+        ValueError: ``length`` is not a multiple of ``per``; bad ``bits`` or size.
+    """
+    bits = _check_bits(bits)
+    per = 8 // bits
+    if length % per:
+        raise ValueError(
+            f"the planar layout needs a length that is a multiple of {per} for {bits}-bit "
+            f"values; got length {length}"
+        )
+    xp = namespace(packed)
+    codes = unpack(packed, bits, length, axis, signed=False)
+    axis = normalize_axis(axis, codes.ndim)
+    codes = xp.moveaxis(codes, axis, -1)
+    rows = length // per
+    out = codes[..., :rows]
+    for k in range(1, per):
+        plane = codes[..., k * rows : (k + 1) * rows]
+        out = xp.bitwise_or(out, xp.bitwise_left_shift(plane, k * bits))
+    return xp.moveaxis(out, -1, axis)
+
+
+def from_planar(planar, bits: int, axis: int = -1):
+    """Convert planar bytes (see :func:`to_planar`) back to arrayquant's layout."""
+    bits = _check_bits(bits)
+    xp = namespace(planar)
+    if dtype_name(planar.dtype) != "uint8":
+        raise TypeError(f"expected packed uint8 bytes; got dtype {dtype_name(planar.dtype)}")
+    axis = normalize_axis(axis, planar.ndim)
+    mask = (1 << bits) - 1
+    planes = [
+        xp.bitwise_and(xp.bitwise_right_shift(planar, k * bits) if k else planar, mask)
+        for k in range(8 // bits)
+    ]
+    return pack(xp.concat(planes, axis=axis), bits, axis, _checked=True)

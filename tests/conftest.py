@@ -26,13 +26,21 @@ settings.register_profile(
     "default",
     max_examples=20,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.differing_executors,
+        HealthCheck.function_scoped_fixture,  # backend fixtures hold no state
+    ],
 )
 settings.register_profile(
     "ci",
-    max_examples=120,
+    max_examples=60,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.differing_executors,
+        HealthCheck.function_scoped_fixture,  # backend fixtures hold no state
+    ],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
