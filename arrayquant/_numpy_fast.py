@@ -3,7 +3,7 @@
 NumPy evaluates one operation at a time over the whole array, so the generic
 pipeline (min, max, divide, round, add, clip, cast) makes about seven passes
 over memory and allocates a full-size temporary for most of them. Here the
-split view is processed in cache-sized slabs along its first axis, reusing
+split view is processed in cache-sized slabs (a few MiB) along its first axis, reusing
 one scratch buffer: each slab is read from memory once and every later step
 runs in cache. The arithmetic is the same operations in the same order on the
 same dtypes, so results equal the generic path bit for bit (tests check it).
@@ -11,14 +11,16 @@ same dtypes, so results equal the generic path bit for bit (tests check it).
 
 from __future__ import annotations
 
-import array_api_compat.numpy as xp_np
 import numpy as np
 
 from ._blocking import Blocking
 
 __all__ = ["qparams_and_codes"]
 
-_SLAB_BYTES = 1 << 19  # 512 KiB: slab plus scratch stay inside a 2 MiB L2
+# 2 MiB: slab plus scratch stay in the last-level cache. Measured on a 2-core EPYC
+# (1 MiB L2 per core, 32 MiB L3): 128 KiB to 2 MiB slabs got steadily faster (per-slab
+# Python overhead), 16 MiB slower again (out of cache); see docs/benchmarks.md.
+_SLAB_BYTES = 1 << 21
 
 
 def _finite_or_raise(*arrays) -> None:
@@ -36,7 +38,8 @@ def _view(x: np.ndarray, b: Blocking) -> np.ndarray:
     return x.reshape(b.view_shape)
 
 
-def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params_from_range):
+def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params):
+    """Scales, zero points and codes; ``params(rmin, rmax)`` -> (s, z float, z stored)."""
     cdt = np.float64 if x.dtype == np.float64 else np.float32
     v = _view(np.asarray(x), b)
     if v.ndim == 0:
@@ -74,10 +77,10 @@ def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params_fro
             rmin = xs.min(axis=red, keepdims=True) if red else xs
             rmax = xs.max(axis=red, keepdims=True) if red else xs
             _finite_or_raise(rmin, rmax)
-            s, z = params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp_np)
+            s, z, z_int = params(rmin, rmax)
             s_all[i : i + rows] = s
             if z is not None:
-                z_all[i : i + rows] = z
+                z_all[i : i + rows] = z_int
             if want_codes:
                 quantize_slab(i, xs, s, z)
     else:
@@ -86,11 +89,10 @@ def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params_fro
         rmin = v.min(axis=red, keepdims=True)
         rmax = v.max(axis=red, keepdims=True)
         _finite_or_raise(rmin, rmax)
-        s, z = params_from_range(rmin.astype(cdt), rmax.astype(cdt), qt, symmetric, sdt, cdt,
-                                 xp_np)
+        s, z, z_int = params(rmin.astype(cdt), rmax.astype(cdt))
         s_all[...] = s
         if z is not None:
-            z_all[...] = z
+            z_all[...] = z_int
         if want_codes:
             for i in range(0, n0, rows):
                 quantize_slab(i, slab(i), s, z)

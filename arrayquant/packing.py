@@ -106,10 +106,11 @@ def pack(codes, bits: int, axis: int = -1, *, signed: bool | None = None, _check
     if m * per != n:
         pad = xp.zeros((*v.shape[:-1], m * per - n), dtype=xp.uint8)
         v = xp.concat([v, pad], axis=-1)
-    v = xp.reshape(v, (*v.shape[:-1], m, per))
-    out = v[..., 0]
+    # Strided slices rather than a (..., m, per) reshape: XLA handles a minor
+    # dimension of size 2 or 4 poorly (measured 2x slower on CPU).
+    out = v[..., 0::per]
     for k in range(1, per):
-        out = xp.bitwise_or(out, xp.bitwise_left_shift(v[..., k], k * bits))
+        out = xp.bitwise_or(out, xp.bitwise_left_shift(v[..., k::per], k * bits))
     return xp.moveaxis(out, -1, axis)
 
 

@@ -1,0 +1,36 @@
+"""Shared timing helpers for the benchmark scripts: medians of repeated runs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_time(fn, repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` runs, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def block(x):
+    """Wait for an asynchronous (JAX) result; a no-op for NumPy."""
+    for leaf in x if isinstance(x, (tuple, list)) else (x,):
+        ready = getattr(leaf, "block_until_ready", None)
+        if ready is not None:
+            ready()
+    return x
+
+
+def print_table(rows, headers) -> None:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(line.format(*headers))
+    print(line.format(*("-" * w for w in widths)))
+    for r in rows:
+        print(line.format(*r))
