@@ -41,6 +41,15 @@ def is_jax(xp) -> bool:
     return array_api_compat.is_jax_namespace(xp)
 
 
+def _uses_numpy_dtypes(xp) -> bool:
+    """NumPy, Dask and CuPy arrays carry NumPy dtypes (and so ml_dtypes' bfloat16)."""
+    return (
+        is_numpy(xp)
+        or array_api_compat.is_dask_namespace(xp)
+        or array_api_compat.is_cupy_namespace(xp)
+    )
+
+
 def dtype_name(dtype) -> str:
     """A dtype's plain name ("float32", "bfloat16", "int8") for any namespace."""
     try:
@@ -66,10 +75,12 @@ def float_dtype(xp, name):
         raise ValueError(
             f"expected a floating dtype, one of {', '.join(_FLOAT_NAMES)}; got {name!r}"
         )
-    if key == "bfloat16" and is_numpy(xp):
-        import ml_dtypes
+    if _uses_numpy_dtypes(xp):
+        if key == "bfloat16":
+            import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(key)
     dtype = getattr(xp, key, None)
     if dtype is None:
         raise ValueError(f"the array namespace {xp.__name__} has no {key} dtype")
