@@ -64,26 +64,45 @@ def check_finite(x, what: str = "x") -> None:
     )
 
 
-class _AfterJaxImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs :func:`register_pytrees` once the module ``jax`` has finished importing."""
+class _RegisteringLoader(importlib.abc.Loader):
+    """Wraps JAX's own loader; registers arrayquant's pytrees once ``jax`` has loaded."""
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "jax":
-            return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec("jax")
-        if spec is None or spec.loader is None:
-            return None
-        self._loader = spec.loader
-        spec.loader = self
-        return spec
+    def __init__(self, loader, finder):
+        self._loader = loader
+        self._finder = finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
         register_pytrees()
+
+
+class _AfterJaxImport(importlib.abc.MetaPathFinder):
+    """Finds ``jax`` through the other finders and wraps its loader.
+
+    It stays on ``sys.meta_path`` until JAX has really been loaded: a mere probe
+    such as ``importlib.util.find_spec("jax")`` must not use it up.
+    """
+
+    def __init__(self):
+        self._busy = False
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "jax" or self._busy:
+            return None
+        self._busy = True  # the find_spec below asks the finders again, us included
+        try:
+            spec = importlib.util.find_spec("jax")
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _RegisteringLoader(spec.loader, self)
+        return spec
 
 
 def install_hook() -> None:
