@@ -1,0 +1,511 @@
+"""save / load / quantize_checkpoint: round trips, atomic writes, hostile files, streaming."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+import tempfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import arrayquant as aq
+from arrayquant._qtypes import QTYPE_NAMES
+from arrayquant.checkpoint import FORMAT_VERSION, CheckpointError
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+RNG = np.random.default_rng(1)
+
+
+def _f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def assert_leaf_equal(a, b):
+    if isinstance(a, aq.QArray):
+        assert isinstance(b, aq.QArray)
+        assert a._static() == b._static()
+        for name in ("data", "scale", "zero_point"):
+            x, y = getattr(a, name), getattr(b, name)
+            if x is None:
+                assert y is None
+            else:
+                x = np.asarray(x)
+                assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+                np.testing.assert_array_equal(y, x)
+    else:
+        a = np.asarray(a)
+        assert isinstance(b, np.ndarray) and b.dtype == a.dtype and b.shape == a.shape
+        np.testing.assert_array_equal(b, a)
+
+
+def assert_tree_equal(a, b):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    elif a is None:
+        assert b is None
+    else:
+        assert_leaf_equal(a, b)
+
+
+def _tree():
+    return {
+        "encoder": {
+            "w8": aq.quantize(_f32(16, 24), "int8", symmetric=True, axis=0),
+            "w4": aq.quantize(_f32(5, 37), "int4", group_size=16),  # partial group, odd length
+            "w2": aq.quantize(_f32(3, 4, 9), "uint2", axis=(0, 2)),
+            "w16": aq.quantize(_f32(6, 6).astype(np.float64), "int16", scale_dtype="float16"),
+            "bias": _f32(24),
+        },
+        "layers": [
+            aq.quantize(_f32(8, 8).astype(ml_dtypes.bfloat16), "uint4", group_size=3,
+                        group_axis=0),
+            (np.arange(6, dtype=np.int64).reshape(2, 3), None),
+        ],
+        "flags": np.array([True, False]),
+        "half": _f32(3).astype(np.float16),
+        "bf": _f32(4).astype(ml_dtypes.bfloat16),
+        "scalar": np.float32(2.5) * np.ones((), np.float32),
+    }
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_round_trip_nested_tree(tmp_path):
+    tree = _tree()
+    f = tmp_path / "m.safetensors"
+    aq.save(f, tree)
+    assert_tree_equal(tree, aq.load(f))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left
+
+
+def test_flat_dict_is_stored_without_a_tree_and_readable_by_safetensors(tmp_path):
+    tree = {"encoder.layer.0.weight": aq.quantize(_f32(8, 8), "int4"),
+            "encoder.layer.0.bias": _f32(8)}
+    f = tmp_path / "flat.safetensors"
+    aq.save(f, tree)
+    raw = safetensors_numpy.load_file(f)  # any safetensors reader sees plain tensors
+    assert sorted(raw) == ["encoder.layer.0.bias", "encoder.layer.0.weight:data",
+                           "encoder.layer.0.weight:scale", "encoder.layer.0.weight:zero_point"]
+    np.testing.assert_array_equal(raw["encoder.layer.0.weight:data"],
+                                  tree["encoder.layer.0.weight"].data)
+    header, _ = _read_raw(f)
+    doc = json.loads(header["__metadata__"]["arrayquant"])
+    assert doc["version"] == FORMAT_VERSION and doc["tree"] is None
+    assert doc["leaves"][0] == {
+        "path": "encoder.layer.0.weight", "kind": "qarray", "qtype": "int4",
+        "dtype": "float32", "shape": [8, 8], "block_shape": [8, 8], "packed_axis": 1,
+        "data": "encoder.layer.0.weight:data", "scale": "encoder.layer.0.weight:scale",
+        "zero_point": "encoder.layer.0.weight:zero_point",
+    }
+    assert_tree_equal(tree, aq.load(f))
+
+
+def test_plain_safetensors_file_loads_as_flat_dict(tmp_path):
+    t = {"b": _f32(3), "a": np.arange(4, dtype=np.int32), "c": _f32(2).astype(ml_dtypes.bfloat16)}
+    safetensors_numpy.save_file(t, tmp_path / "plain.safetensors")
+    out = aq.load(tmp_path / "plain.safetensors")
+    assert set(out) == set(t)
+    for k in t:
+        assert_leaf_equal(t[k], out[k])
+    info = aq.checkpoint_info(tmp_path / "plain.safetensors")
+    assert info.kind == "safetensors" and info.version is None and len(info.leaves) == 3
+
+
+_granularity = st.one_of(
+    st.just({}),
+    st.integers(0, 2).map(lambda a: {"axis": a}),
+    st.tuples(st.integers(1, 5), st.integers(0, 2)).map(
+        lambda t: {"group_size": t[0], "group_axis": t[1]}
+    ),
+)
+
+
+@st.composite
+def _qarrays(draw):
+    shape = draw(st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple))
+    dtype = draw(st.sampled_from(["float32", "float16", "float64"]))
+    x = draw(hnp.arrays(dtype, shape, elements=st.floats(-1e3, 1e3, width=16)))
+    qtype = draw(st.sampled_from(QTYPE_NAMES))
+    symmetric = draw(st.booleans()) and not qtype.startswith("u")
+    gran = draw(_granularity)
+    gran = {k: (v % len(shape) if k.endswith("axis") else v) for k, v in gran.items()}
+    scale_dtype = draw(st.sampled_from(["float32", "float16"]))
+    return aq.quantize(x, qtype, symmetric, scale_dtype=scale_dtype, **gran)
+
+
+@given(st.lists(_qarrays(), min_size=1, max_size=3), st.booleans())
+def test_round_trip_property(qarrays, nested):
+    tree = {f"q{i}": q for i, q in enumerate(qarrays)}
+    if nested:
+        tree = {"a": [tree, (qarrays[0],)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        f = pathlib.Path(tmp) / "p.safetensors"
+        aq.save(f, tree)
+        back = aq.load(f)
+        info = aq.checkpoint_info(f)
+    assert_tree_equal(tree, back)
+    assert info.kind == "arrayquant" and all(leaf.quantized for leaf in info.leaves)
+    for q, leaf in zip(qarrays, info.leaves):
+        assert leaf.nbytes == q.nbytes and leaf.granularity == q.granularity
+
+
+def test_jax_arrays_and_generic_pytrees(tmp_path):
+    jax = pytest.importorskip("jax")
+    eqx = pytest.importorskip("equinox")
+    import jax.numpy as jnp
+
+    tree = {"w": aq.quantize(jnp.asarray(_f32(4, 8)), "int4", group_size=4), "b": jnp.ones(3)}
+    aq.save(tmp_path / "j.safetensors", tree)
+    back = aq.load(tmp_path / "j.safetensors")
+    np.testing.assert_array_equal(back["w"].data, np.asarray(tree["w"].data))
+    # Traced values cannot be saved.
+    with pytest.raises(TypeError, match="traced"):
+        jax.jit(lambda t: aq.save(tmp_path / "t.safetensors", t))({"x": jnp.ones(2)})
+    assert not (tmp_path / "t.safetensors").exists()
+
+    model = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+    qmodel = aq.quantize_tree(model, aq.Rule(include="weight", dtype="int8", axis=0))
+    f = tmp_path / "mlp.safetensors"
+    aq.save(f, qmodel)
+    flat = aq.load(f)  # no structure stored for a generic pytree: leaves by path
+    assert list(flat) == aq.tree_paths(qmodel) == ["layers/0/weight", "layers/0/bias",
+                                                   "layers/1/weight", "layers/1/bias"]
+    back = aq.load(f, like=model)  # rebuilt in the template's structure
+    assert type(back) is type(model)
+    assert_leaf_equal(qmodel.layers[0].weight, back.layers[0].weight)
+    x = jnp.ones((3, 4))
+    np.testing.assert_allclose(
+        jax.vmap(aq.dequantize_tree(back))(x),
+        jax.vmap(aq.dequantize_tree(qmodel))(x), rtol=1e-6,
+    )
+    with pytest.raises(CheckpointError, match="template has a leaf"):
+        aq.load(f, like={"other": np.zeros(1)} | {p: np.zeros(1) for p in flat})
+    with pytest.raises(CheckpointError, match="which the template does not have"):
+        aq.load(f, like={"layers/0/weight": np.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    ("tree", "error", "match"),
+    [
+        (np.zeros(3), TypeError, "not a single array"),
+        ({1: np.zeros(3)}, TypeError, "dict keys must be strings"),
+        ({"a": 3.0}, TypeError, "cannot save 'a' of type float"),
+        ({"a": np.zeros(2, np.complex64)}, TypeError, "dtype complex64"),
+        ({"a/b": np.zeros(1), "a": {"b": np.zeros(1)}}, ValueError, "share the path 'a/b'"),
+        ({"w": aq.quantize(np.ones((2, 2), np.float32)), "w:data": np.zeros(1)}, ValueError,
+         "tensor name 'w:data'"),
+    ],
+)
+def test_save_errors(tmp_path, tree, error, match):
+    with pytest.raises(error, match=match):
+        aq.save(tmp_path / "e.safetensors", tree)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    f = tmp_path / "m.safetensors"
+    aq.save(f, {"a": np.ones(3)})
+    before = f.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        pathlib.Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_numpy, "save_file", crash)
+    with pytest.raises(OSError, match="No space left"):
+        aq.save(f, {"a": np.zeros(3)})
+    assert f.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+def _read_raw(path):
+    raw = pathlib.Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _write_raw(path, header, data):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _edit(path, edit_doc=None, edit_header=None, edit_data=None):
+    header, data = _read_raw(path)
+    if edit_doc is not None:
+        doc = json.loads(header["__metadata__"]["arrayquant"])
+        edit_doc(doc)
+        header["__metadata__"]["arrayquant"] = json.dumps(doc)
+    if edit_header is not None:
+        edit_header(header)
+    if edit_data is not None:
+        data = bytearray(data)
+        edit_data(header, data)
+        data = bytes(data)
+    _write_raw(path, header, data)
+
+
+def _leaf(doc, path):
+    return next(e for e in doc["leaves"] if e["path"] == path)
+
+
+def _set_bytes(name, index, value, dtype):
+    def edit(header, data):
+        start = header[name]["data_offsets"][0] + index * np.dtype(dtype).itemsize
+        data[start : start + np.dtype(dtype).itemsize] = np.array(value, dtype).tobytes()
+    return edit
+
+
+def _set_meta(key, value):
+    def edit(header):
+        header["__metadata__"][key] = value
+    return edit
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A small valid checkpoint with one leaf of every kind worth corrupting."""
+    w8 = aq.quantize(_f32(4, 6), "int8", symmetric=True, axis=0)
+    w4 = aq.quantize(_f32(3, 5), "int4", symmetric=True, axis=0)  # packed, 1 padding nibble
+    u4 = aq.quantize(_f32(2, 8), "uint4", group_size=4)
+    i4 = aq.QArray(w4.codes, w4.scale, None, "int4", w4.shape, "float32", w4.block_shape, None)
+    f = tmp_path / "good.safetensors"
+    aq.save(f, {"w8": w8, "w4": w4, "u4": u4, "i4": i4, "bias": _f32(6),
+                "nested": [np.zeros(2)]})
+    return f
+
+
+CORRUPTIONS = {
+    "bad JSON": (dict(edit_header=_set_meta("arrayquant", "{not json")), "not valid JSON"),
+    "not an object": (dict(edit_header=_set_meta("arrayquant", "[1, 2]")), "JSON object"),
+    "newer version": (dict(edit_doc=lambda d: d.update(version=FORMAT_VERSION + 1)),
+                      "format version 2; this arrayquant reads version 1"),
+    "bad version": (dict(edit_doc=lambda d: d.update(version="1")), "'version' must be"),
+    "leaves not a list": (dict(edit_doc=lambda d: d.update(leaves={})), "'leaves' must be"),
+    "leaf not an object": (dict(edit_doc=lambda d: d["leaves"].append(3)), "leaf #6"),
+    "unknown kind": (dict(edit_doc=lambda d: _leaf(d, "bias").update(kind="pickle")),
+                     "'kind' must be"),
+    "unknown qtype": (dict(edit_doc=lambda d: _leaf(d, "w8").update(qtype="int3")),
+                      "unknown qtype 'int3'"),
+    "bad float dtype": (dict(edit_doc=lambda d: _leaf(d, "w8").update(dtype="int8")),
+                        "'dtype' must be one of"),
+    "shape not ints": (dict(edit_doc=lambda d: _leaf(d, "w8").update(shape=[4, "6"])),
+                       "shape must be a list of non-negative ints"),
+    "bool in shape": (dict(edit_doc=lambda d: _leaf(d, "w8").update(shape=[4, True])),
+                      "shape must be"),
+    "empty shape": (dict(edit_doc=lambda d: _leaf(d, "w8").update(shape=[0, 6])), "is empty"),
+    "shape vs data": (dict(edit_doc=lambda d: _leaf(d, "w8").update(shape=[6, 4],
+                                                                   block_shape=[1, 4])),
+                      r"tensor 'w8:data' has shape \[4, 6\], expected \[6, 4\]"),
+    "block rank": (dict(edit_doc=lambda d: _leaf(d, "w8").update(block_shape=[1])),
+                   r"block_shape \[1\] has 1 entries, expected 2"),
+    "block too big": (dict(edit_doc=lambda d: _leaf(d, "w8").update(block_shape=[1, 7])),
+                      r"block_shape\[1\] = 7 must be in \[1, 6\]"),
+    "block vs scale": (dict(edit_doc=lambda d: _leaf(d, "w8").update(block_shape=[2, 6])),
+                       r"tensor 'w8:scale' has shape \[4, 1\], expected \[2, 1\]"),
+    "packed int8": (dict(edit_doc=lambda d: _leaf(d, "w8").update(packed_axis=1)),
+                    "packed_axis must be null for int8"),
+    "packed axis range": (dict(edit_doc=lambda d: _leaf(d, "w4").update(packed_axis=2)),
+                          r"packed_axis must be null or an int in \[0, 2\)"),
+    "unpacked int4 data": (dict(edit_doc=lambda d: _leaf(d, "w4").update(packed_axis=None)),
+                           "tensor 'w4:data' has dtype uint8, expected int8"),
+    "data dtype": (dict(edit_header=lambda h: h["w8:data"].update(dtype="U8")),
+                   "tensor 'w8:data' has dtype uint8, expected int8"),
+    "scale dtype": (dict(edit_header=lambda h: h["w8:scale"].update(dtype="I32")),
+                    "tensor 'w8:scale' has dtype int32, expected float16 or"),
+    "missing tensor": (dict(edit_doc=lambda d: _leaf(d, "u4").update(zero_point="gone")),
+                       "tensor 'gone' is missing"),
+    "tensor name not str": (dict(edit_doc=lambda d: _leaf(d, "u4").update(scale=7)),
+                            "field 'scale' must be a tensor name"),
+    "unreferenced tensor": (dict(edit_doc=lambda d: d["leaves"].remove(_leaf(d, "bias"))),
+                            "tensor 'bias' is not described"),
+    "tensor used twice": (dict(edit_doc=lambda d: _leaf(d, "nested/0").update(tensor="bias")),
+                          "tensor 'bias' is used by both"),
+    "duplicate path": (dict(edit_doc=lambda d: _leaf(d, "u4").update(path="w8")),
+                       "two leaves have the path 'w8'"),
+    "tree bad node": (dict(edit_doc=lambda d: d.update(tree={"type": "set", "items": []})),
+                      "tree node must have a 'type'"),
+    "tree unknown leaf": (dict(edit_doc=lambda d: d["tree"]["items"][0][1].update(path="zz")),
+                          "refers to leaf 'zz'"),
+    "tree leaf twice": (dict(edit_doc=lambda d: d["tree"]["items"][1][1].update(path="w8")),
+                        "refers to leaf 'w8' twice"),
+    "tree leaf missing": (dict(edit_doc=lambda d: d["tree"]["items"].pop(0)),
+                          "leaf 'w8' is missing from the 'tree'"),
+    "symmetric -128": (dict(edit_data=_set_bytes("w8:data", 5, -128, np.int8)),
+                       r"codes outside \[-127, 127\].*int8 symmetric"),
+    "unpacked int4 range": (dict(edit_data=_set_bytes("i4:data", 2, 9, np.int8)),
+                            r"codes outside \[-7, 7\]"),
+    "packed symmetric -8": (dict(edit_data=_set_bytes("w4:data", 0, 0x08, np.uint8)),
+                            r"codes outside \[-7, 7\]"),
+    "padding bits": (dict(edit_data=_set_bytes("w4:data", 2, 0x70, np.uint8)),
+                     "padding bits"),
+    "zero point range": (dict(edit_data=_set_bytes("u4:zero_point", 1, 16, np.uint8)),
+                         r"zero points outside \[0, 15\]"),
+    "NaN scale": (dict(edit_data=_set_bytes("w8:scale", 2, np.nan, np.float32)),
+                  "scales must be finite and positive"),
+    "negative scale": (dict(edit_data=_set_bytes("u4:scale", 0, -1.0, np.float32)),
+                       "finite and positive"),
+    "zero scale": (dict(edit_data=_set_bytes("w4:scale", 1, 0.0, np.float32)),
+                   "finite and positive"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_load_rejects_corrupted_files(good, case):
+    edits, match = CORRUPTIONS[case]
+    aq.load(good)  # valid before
+    _edit(good, **edits)
+    with pytest.raises(CheckpointError, match=match) as info:
+        aq.load(good)
+    assert str(good) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda raw: raw[:-3], "not a valid safetensors file"),  # truncated data
+        (lambda raw: raw[:40], "not a valid safetensors file"),  # truncated header
+        (lambda raw: b"", "not a valid safetensors file"),
+        (lambda raw: b"\x00" * 7, "not a valid safetensors file"),
+        (lambda raw: struct.pack("<Q", 1 << 62) + raw[8:], "not a valid safetensors file"),
+        (lambda raw: os.urandom(64), "not a valid safetensors file"),
+        (lambda raw: raw[:8] + b"[" + raw[9:], "not a valid safetensors file"),
+    ],
+)
+def test_load_rejects_broken_containers(good, make, match):
+    good.write_bytes(make(good.read_bytes()))
+    with pytest.raises(CheckpointError, match=match):
+        aq.load(good)
+    with pytest.raises(CheckpointError, match=match):
+        aq.checkpoint_info(good)
+
+
+def test_load_errors_for_missing_files_and_odd_dtypes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        aq.load(tmp_path / "nope.safetensors")
+    f = tmp_path / "f8.safetensors"
+    _write_raw(f, {"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0\0")
+    with pytest.raises(CheckpointError, match="dtype F8_E4M3, which arrayquant does not read"):
+        aq.load(f)
+
+
+def test_checkpoint_info_reads_headers_only(good):
+    info = aq.checkpoint_info(good)
+    assert info.kind == "arrayquant" and info.version == FORMAT_VERSION
+    by_path = {leaf.path: leaf for leaf in info.leaves}
+    assert by_path["w4"].packed_axis == 1 and by_path["w4"].symmetric
+    assert by_path["u4"].tensors == ("u4:data", "u4:scale", "u4:zero_point")
+    assert by_path["u4"].granularity == "per-group(4, axis=1)"
+    assert by_path["bias"].nbytes == by_path["bias"].float_nbytes == 24
+    assert info.file_size == good.stat().st_size
+    # Value checks need the data: the header alone looks fine.
+    _edit(good, edit_data=_set_bytes("w8:scale", 0, np.nan, np.float32))
+    aq.checkpoint_info(good)
+    with pytest.raises(CheckpointError):
+        aq.load(good)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def _float_checkpoint(path, fmt="safetensors"):
+    t = {
+        "embeddings.weight": _f32(40, 16),
+        "layer.0.weight": _f32(32, 16),
+        "layer.0.bias": _f32(32),
+        "layer.1.weight": _f32(16, 33),
+        "positions": np.arange(10, dtype=np.int64),
+        "half.weight": _f32(8, 8).astype(np.float16),
+    }
+    if fmt == "npz":
+        np.savez(path, **t)
+    else:
+        safetensors_numpy.save_file(t, path)
+    return t
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_quantize_checkpoint_matches_quantize_tree(tmp_path, fmt):
+    src = tmp_path / f"in.{fmt}"
+    t = _float_checkpoint(src, fmt)
+    rules = [aq.Rule(include="embeddings", dtype=None), aq.Rule(dtype="int4", group_size=8)]
+    report = aq.quantize_checkpoint(src, tmp_path / "out.safetensors", rules)
+    out = aq.load(tmp_path / "out.safetensors")
+    expected = aq.quantize_tree(t, rules)
+    assert set(out) == set(expected)
+    for k in expected:
+        assert_leaf_equal(expected[k], out[k])
+    ref = aq.tree_report(t, expected)
+    assert sorted(report.rows, key=lambda r: r.path) == sorted(ref.rows, key=lambda r: r.path)
+    assert report.n_quantized == 3 and report.n_skipped == 3
+    info = aq.checkpoint_info(tmp_path / "out.safetensors")
+    assert info.file_size < sum(a.nbytes for a in t.values())
+
+
+def test_quantize_checkpoint_bfloat16_input(tmp_path):
+    t = {"w": _f32(6, 8).astype(ml_dtypes.bfloat16), "b": _f32(6).astype(ml_dtypes.bfloat16)}
+    safetensors_numpy.save_file(t, tmp_path / "bf.safetensors")
+    aq.quantize_checkpoint(tmp_path / "bf.safetensors", tmp_path / "q.safetensors", aq.Rule())
+    back = aq.load(tmp_path / "q.safetensors")
+    assert_leaf_equal(t["b"], back["b"])  # kept as is, bfloat16 bytes streamed unchanged
+    q = back["w"]
+    assert q.dtype == "bfloat16" and aq.dequantize(q).dtype == t["w"].dtype
+    assert_leaf_equal(aq.quantize(t["w"]), q)
+
+
+def test_quantize_checkpoint_errors(tmp_path):
+    src = tmp_path / "in.safetensors"
+    t = _float_checkpoint(src)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(FileNotFoundError):
+        aq.quantize_checkpoint(tmp_path / "missing.safetensors", out, aq.Rule())
+    with pytest.raises(ValueError, match="is the input"):
+        aq.quantize_checkpoint(src, src, aq.Rule())
+    # A rule that does not fit a tensor fails before anything is written.
+    with pytest.raises(ValueError, match=r"cannot quantize 'embeddings.weight' .*axis=2"):
+        aq.quantize_checkpoint(src, out, aq.Rule(axis=2))
+    assert not out.exists()
+    # A bad value found midway leaves no output behind.
+    t["layer.1.weight"][3, 3] = np.inf
+    safetensors_numpy.save_file(t, src)
+    with pytest.raises(ValueError, match="'layer.1.weight'.*infinite"):
+        aq.quantize_checkpoint(src, out, aq.Rule())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+    # Already quantized input, clashing names, malformed input.
+    aq.save(tmp_path / "q.safetensors", {"w": aq.quantize(_f32(2, 2))})
+    with pytest.raises(CheckpointError, match="already an arrayquant checkpoint"):
+        aq.quantize_checkpoint(tmp_path / "q.safetensors", out, aq.Rule())
+    safetensors_numpy.save_file({"w": _f32(2, 2), "w:scale": _f32(1)}, src)
+    with pytest.raises(ValueError, match="'w:scale' would be written twice"):
+        aq.quantize_checkpoint(src, out, aq.Rule())
+    (tmp_path / "bad.npz").write_bytes(b"PK not a zip")
+    with pytest.raises(CheckpointError, match="not a valid .npz file"):
+        aq.quantize_checkpoint(tmp_path / "bad.npz", out, aq.Rule())
+    np.savez(tmp_path / "obj.npz", a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="no pickled objects"):
+        aq.quantize_checkpoint(tmp_path / "obj.npz", out, aq.Rule())
+
+
+def test_quantize_checkpoint_progress_bar(tmp_path, capsys):
+    src = tmp_path / "in.safetensors"
+    _float_checkpoint(src)
+    aq.quantize_checkpoint(src, tmp_path / "out.safetensors", aq.Rule(), progress=True)
+    assert "in.safetensors" in capsys.readouterr().err
