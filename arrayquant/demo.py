@@ -113,8 +113,6 @@ def _pick_backend(backend: str) -> str:
         raise ValueError(f"backend must be 'auto', 'jax' or 'numpy', got {backend!r}")
     if backend != "auto":
         return backend
-    # Import rather than probe with importlib.util.find_spec: a probe would consume the
-    # one-shot import hook that registers QArray as a JAX pytree (arrayquant/_jax.py).
     try:
         import jax  # noqa: F401
     except ImportError:
@@ -131,9 +129,6 @@ def _runner(backend: str, params, tokens, linear) -> Callable[[], np.ndarray]:
     import jax
     import jax.numpy as jnp
 
-    from ._jax import register_pytrees
-
-    register_pytrees()  # idempotent; in case JAX was imported in a way the hook missed
     params = jax.tree.map(jnp.asarray, params)
     tokens = {k: jnp.asarray(v) for k, v in tokens.items()}
     fn = jax.jit(functools.partial(minilm.encode, linear=linear))
