@@ -248,7 +248,9 @@ def qparams(
         dtype: quantized type: ``"int8"``, ``"uint8"``, ``"int16"``, ``"uint16"``,
             ``"int4"``, ``"uint4"``, ``"int2"``, ``"uint2"``, or an integer dtype.
         symmetric: symmetric quantization (signed types only).
-        axis, group_size, group_axis: granularity, see above.
+        axis: keep one scale per index along this axis (or tuple of axes).
+        group_size: one scale per this many consecutive elements along ``group_axis``.
+        group_axis: the axis the groups run along (default: the last).
         scale_dtype: dtype of the returned scale (default float32).
 
     Returns:
