@@ -79,11 +79,6 @@ def _raise_if_not_finite(xp, *arrays, what: str = "x") -> None:
             )
 
 
-def _scale_dtype(xp, scale_dtype):
-    dt = float_dtype(xp, scale_dtype)
-    return dt
-
-
 # --------------------------------------------------------------------------- views
 
 
@@ -179,7 +174,7 @@ def _ranges(xv, b: Blocking, xp):
 
 def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp):
     cdt = compute_dtype(xp, x.dtype)
-    sdt = _scale_dtype(xp, scale_dtype)
+    sdt = float_dtype(xp, scale_dtype)
     if _USE_NUMPY_FAST_PATH and is_numpy(xp):
         from ._numpy_fast import qparams_and_codes
 
