@@ -31,6 +31,7 @@ from ._backend import compute_dtype, dtype_name, float_dtype, is_float_dtype, is
 from ._backend import namespace as _namespace
 from ._qtypes import QType, as_qtype
 from .affine import dequantize, quantize
+from .packing import bit_fields
 from .qarray import QArray
 
 __all__ = ["linear", "matmul", "quantize_activations", "int32_safe_in_features", "FORMULATIONS"]
@@ -288,15 +289,7 @@ def _pad_last(a, length: int, xp):
 def _fields(data, bits: int, signed: bool, xp):
     """The ``8 // bits`` code fields of packed bytes: field ``r`` of byte ``j`` is code
     ``j * (8 // bits) + r``, as int8 (sign-extended when ``signed``)."""
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    half = 1 << (bits - 1)
-    out = []
-    for r in range(per):
-        v = xp.bitwise_and(xp.bitwise_right_shift(data, r * bits) if r else data, mask)
-        v = xp.astype(v, xp.int8)
-        out.append(xp.where(v >= half, v - (1 << bits), v) if signed else v)
-    return out
+    return [xp.astype(f, xp.int8) for f in bit_fields(data, bits, signed=signed)]
 
 
 def _field_len(length: int, per: int, r: int) -> int:

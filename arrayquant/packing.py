@@ -22,6 +22,7 @@ from ._blocking import normalize_axis
 __all__ = [
     "pack",
     "unpack",
+    "bit_fields",
     "packed_length",
     "to_high_nibble_first",
     "from_high_nibble_first",
@@ -142,28 +143,42 @@ def unpack(packed, bits: int, length: int, axis: int = -1, *, signed: bool):
             f"{bits} bits need {need}"
         )
     if bits == 8:
-        v = packed
-    elif is_numpy(xp) and _np_fast.can_use(packed, bits, axis):
+        if not signed:
+            return packed
+        wide = xp.astype(packed, xp.int16)  # sign-extend: values >= 128 are v - 256
+        return xp.astype(xp.where(wide >= 128, wide - 256, wide), xp.int8)
+    if is_numpy(xp) and _np_fast.can_use(packed, bits, axis):
         return _np_fast.unpack_last(packed, bits, length, bool(signed))
-    else:
-        per = 8 // bits
-        mask = (1 << bits) - 1
-        p = xp.moveaxis(packed, axis, -1)
-        parts = [
-            xp.bitwise_and(xp.bitwise_right_shift(p, k * bits) if k else p, mask)
-            for k in range(per)
-        ]
-        v = xp.reshape(xp.stack(parts, axis=-1), (*p.shape[:-1], p.shape[-1] * per))
-        v = xp.moveaxis(v[..., :length], -1, axis)
-    if not signed:
-        return v
-    # Sign-extend: values with the top bit set are v - 2**bits.
-    half = 1 << (bits - 1)
+    per = 8 // bits
+    p = xp.moveaxis(packed, axis, -1)
+    parts = bit_fields(p, bits, signed=signed)
+    v = xp.reshape(xp.stack(parts, axis=-1), (*p.shape[:-1], p.shape[-1] * per))
+    return xp.moveaxis(v[..., :length], -1, axis)
+
+
+def bit_fields(packed, bits: int, *, signed: bool) -> list:
+    """The ``8 // bits`` fields of packed bytes, without interleaving them.
+
+    Field ``r`` holds, for every byte, the value stored in bits ``[r * bits,
+    (r + 1) * bits)``: along the packed axis, codes ``r, r + 8 // bits, ...``.
+    Returned as int8 (sign-extended) when ``signed``, else uint8, each with the
+    shape of ``packed``. Consumers such as the quantized matmul contract each
+    field separately instead of unpacking.
+    """
+    bits = _check_bits(bits)
     if bits == 8:
-        wide = xp.astype(v, xp.int16)
-        return xp.astype(xp.where(wide >= half, wide - 256, wide), xp.int8)
-    s = xp.astype(v, xp.int8)
-    return xp.where(s >= half, s - (1 << bits), s)
+        raise ValueError("bit_fields is for 1-, 2- and 4-bit codes; 8-bit bytes are the codes")
+    xp = namespace(packed)
+    mask = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    out = []
+    for r in range(8 // bits):
+        v = xp.bitwise_and(xp.bitwise_right_shift(packed, r * bits) if r else packed, mask)
+        if signed:
+            v = xp.astype(v, xp.int8)
+            v = xp.where(v >= half, v - (1 << bits), v)
+        out.append(v)
+    return out
 
 
 # --------------------------------------------------------------------------- interop layouts

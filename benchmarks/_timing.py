@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
+
+
+def parse_repeat(doc: str, default: int, argv=None) -> int:
+    """Parse ``--repeat N`` and ``--quick`` (3 repeats, a smoke run); return the repeat count."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=default)
+    ap.add_argument("--quick", action="store_true", help="3 repeats, for a smoke run")
+    args = ap.parse_args(argv)
+    return 3 if args.quick else args.repeat
 
 
 def median_time(fn, repeat: int, warmup: int = 1) -> float:

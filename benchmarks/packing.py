@@ -10,14 +10,13 @@ a plain copy. Every figure is the median of several runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import block, median_time, print_table  # noqa: E402
+from _timing import block, median_time, parse_repeat, print_table  # noqa: E402
 
 import arrayquant as aq  # noqa: E402
 
@@ -26,11 +25,7 @@ SHAPE = (4096, N // 4096)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="3 repeats, for a smoke run")
-    args = ap.parse_args(argv)
-    repeat = 3 if args.quick else args.repeat
+    repeat = parse_repeat(__doc__, 15, argv)
     rng = np.random.default_rng(0)
     rows = []
     try:

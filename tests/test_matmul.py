@@ -166,18 +166,22 @@ def test_float_weight_and_bias(backend, call):
 MS, KS, NS, GS = [1, 3], [5, 37], [3, 8], [1, 2, 3, 4, 8, 16]
 
 
-@st.composite
-def weight_cases(draw):
+def _draw_weight_case(draw, group_sizes):
+    """(m, k, n, qtype, symmetric, granularity, group size, (in, out) layout)."""
     m = draw(st.sampled_from(MS))
     k = draw(st.sampled_from(KS))
     n = draw(st.sampled_from(NS))
     qtype = draw(st.sampled_from(QTYPES))
     sym = qtype.startswith("i") and draw(st.booleans())
     gran = draw(st.sampled_from(["tensor", "channel", "group"]))
-    g = draw(st.sampled_from(GS))
+    g = draw(st.sampled_from(group_sizes))
     kn = draw(st.booleans())
-    seed = draw(st.integers(0, 2**16))
-    return m, k, n, qtype, sym, gran, g, kn, seed
+    return m, k, n, qtype, sym, gran, g, kn
+
+
+@st.composite
+def weight_cases(draw):
+    return (*_draw_weight_case(draw, GS), draw(st.integers(0, 2**16)))
 
 
 # Half the profile's examples: each one compiles a new program under jax-jit.
@@ -208,18 +212,11 @@ def test_weight_only_matches_float64_reference(backend, call, case):
 
 @st.composite
 def integer_cases(draw):
-    m = draw(st.sampled_from(MS))
-    k = draw(st.sampled_from(KS))
-    n = draw(st.sampled_from(NS))
-    qtype = draw(st.sampled_from(QTYPES))
-    sym = qtype.startswith("i") and draw(st.booleans())
-    gran = draw(st.sampled_from(["tensor", "channel", "group"]))
-    g = draw(st.sampled_from(GS[1:]))
-    kn = draw(st.booleans())
+    # Group size 1 (per input channel) cannot take the integer path.
+    weight = _draw_weight_case(draw, GS[1:])
     act = draw(st.sampled_from([("int8", True), ("int8", False), ("uint8", False),
                                 ("int4", True), ("int2", False)]))
-    seed = draw(st.integers(0, 2**16))
-    return m, k, n, qtype, sym, gran, g, kn, act, seed
+    return (*weight, act, draw(st.integers(0, 2**16)))
 
 
 @HALF
