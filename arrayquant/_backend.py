@@ -115,3 +115,19 @@ def is_concrete(x) -> bool:
 
         return not is_tracer(x)
     return True
+
+
+def as_int8_bits(a, xp):
+    """The bytes of a uint8 array read as int8 (two's complement), same shape.
+
+    JAX gets a bitcast (XLA:CPU fuses it into the consumer; a ``convert`` ends
+    the fusion), NumPy a zero-copy view; other namespaces ``astype``, which wraps
+    modulo 256 on every supported library.
+    """
+    if is_jax(xp):
+        from jax import lax  # lazy: the core never imports JAX at import time
+
+        return lax.bitcast_convert_type(a, xp.int8)
+    if is_numpy(xp):
+        return a.view(np.int8)
+    return xp.astype(a, xp.int8)

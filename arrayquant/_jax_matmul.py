@@ -19,29 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .packing import bit_fields
+
 __all__ = ["int_accumulate"]
 
 
 def _signed_fields(data, bits: int, signed: bool):
     """int8 code fields of packed bytes; unsigned codes shifted by ``2**(bits-1)``."""
-    per = 8 // bits
+    fields = bit_fields(data, bits, signed=signed)
     if signed:
-        b = lax.bitcast_convert_type(data, jnp.int8)
-        # Arithmetic shifts sign-extend: move field r to the top, then back down.
-        return [
-            lax.shift_right_arithmetic(
-                lax.shift_left(b, jnp.int8(8 - bits * (r + 1))) if r < per - 1 else b,
-                jnp.int8(8 - bits),
-            )
-            for r in range(per)
-        ]
-    mask = jnp.uint8((1 << bits) - 1)
-    half = 1 << (bits - 1)
-    return [
-        (jnp.bitwise_and(lax.shift_right_logical(data, jnp.uint8(r * bits)) if r else data, mask)
-         .astype(jnp.int8) - jnp.int8(half))
-        for r in range(per)
-    ]
+        return fields
+    half = jnp.int8(1 << (bits - 1))
+    return [f.astype(jnp.int8) - half for f in fields]
 
 
 def _signed_codes(c, qt):

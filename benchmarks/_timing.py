@@ -44,3 +44,24 @@ def print_table(rows, headers) -> None:
     print(line.format(*("-" * w for w in widths)))
     for r in rows:
         print(line.format(*r))
+
+
+def paired_ratio(fn, base, repeat: int, sync=block) -> tuple[float, float]:
+    """``(median seconds of fn(), median of fn()/base() time ratios)``.
+
+    ``fn`` and ``base`` are called alternately (after one warm-up call each) and
+    each ratio divides two neighbouring calls, so load that comes and goes on a
+    shared machine mostly cancels out of the ratio.
+    """
+    sync(fn())
+    sync(base())
+    times, ratios = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sync(base())
+        t1 = time.perf_counter()
+        sync(fn())
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(times), statistics.median(ratios)

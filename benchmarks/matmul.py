@@ -1,14 +1,19 @@
 """Benchmark of arrayquant.linear: float32 vs weight-only and W8A8 formulations.
 
-    python benchmarks/matmul.py            # the table in docs/benchmarks_matmul.md
+    python benchmarks/matmul.py            # the table in docs/benchmarks.md
     python benchmarks/matmul.py --quick    # a smoke run (tiny shapes, 2 repeats)
     python benchmarks/matmul.py --large    # also a 4096 x 4096 x 4096 GEMM (JAX only)
 
 Every row is ``y = x @ W.T`` for x (m, k) and W (n, k) float32, computed by one
 formulation (``aq.linear(..., formulation=...)``); times are medians of
 ``--repeats`` calls after a warm-up (JAX: one compiled ``jax.jit`` function per
-row, timed to ``block_until_ready``). ``vs f32`` divides by the fastest float32
-formulation of the same shape and backend measured in the same run; ``rel.err``
+row, timed to ``block_until_ready``). ``vs f32`` is the median, over those calls,
+of the row's time divided by the time of a call of the fastest float32
+formulation (same shape and backend) made just before it: the two alternate, so
+load on a shared machine mostly cancels out of the ratio. On JAX, rows ``int8
+primitive alone`` time the XLA operation the quantized rows rest on (the fused
+int8 -> float32 multiply-reduce for one token, the int8 GEMM otherwise) on
+ready codes without scales: a floor for what any formulation can reach. ``rel.err``
 is ``|y - x @ W.T| / |x @ W.T|`` (Frobenius), against the float64 product of the inputs.
 JAX runs on its default device (a GPU when there is one); NumPy runs on the CPU.
 """
@@ -19,13 +24,15 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import paired_ratio  # noqa: E402
 
 import arrayquant as aq  # noqa: E402
 
@@ -68,14 +75,16 @@ def _applies(backend: str, formulation: str, m: int, k: int, n: int) -> bool:
     return True
 
 
-def _median_ms(f, repeats: int, sync) -> float:
-    sync(f())  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(f())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _timed(f, base, repeats: int, sync) -> tuple[float, float]:
+    """``(median ms of f(), median ratio to base())``, the two called alternately."""
+    t, ratio = paired_ratio(f, base, repeats, sync)
+    return 1e3 * t, ratio
+
+
+def _once(f, sync) -> float:
+    t0 = time.perf_counter()
+    sync(f())
+    return time.perf_counter() - t0
 
 
 def _rel_err(y, ref) -> float:
@@ -96,6 +105,28 @@ def _row(rows, *fields) -> None:
     """Record a row and print it at once (a run cut short still shows its rows)."""
     rows.append(fields)
     print(_format(*fields), flush=True)
+
+
+def _primitive_rows(rows, shape, m, x_np, w_np, best, repeats, sync):
+    """Lower bounds on JAX: the int8 primitives the quantized formulations rest on,
+    with codes ready and no scales (``vs f32`` against the same float32 rows)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    codes = jnp.asarray(np.clip(np.round(w_np * 127 / np.abs(w_np).max()), -127, 127)
+                        .astype(np.int8))
+    if m == 1:
+        name = "sum(int8 codes * x, axis=1)"
+        fn = jax.jit(lambda c, x: jnp.sum(c.astype(jnp.float32) * x[0], axis=1))
+        args = (codes, jnp.asarray(x_np))
+    else:
+        name = "dot_general(int8, int8) -> int32"
+        fn = jax.jit(lambda a, c: lax.dot_general(a, c, (((1,), (1,)), ((), ())),
+                                                  preferred_element_type=jnp.int32))
+        args = (jnp.asarray(np.clip(np.round(x_np * 30), -127, 127).astype(np.int8)), codes)
+    t, ratio = _timed(lambda: fn(*args), best, repeats, sync)
+    _row(rows, shape, "jax", "int8 primitive alone", name, t, ratio, None)
 
 
 def _run_backend(backend, shapes, repeats, rows):
@@ -130,22 +161,25 @@ def _run_backend(backend, shapes, repeats, rows):
         x, w = to(x_np), to(w_np)
         wt = to(np.ascontiguousarray(w_np.T))
         shape = f"{label} {m}x{k}x{n}"
-        f32 = []
         baselines = [
             ("f32 x @ w.T", wrap(lambda a, b: a @ b.T), (x, w)),
             ("f32 x @ w_t (w stored (in, out))", wrap(lambda a, b: a @ b), (x, wt)),
         ]
         if m == 1:  # XLA on CPU: a matrix-vector product is ~20x faster than (1, k) @ (k, n)
             baselines.append(("f32 w @ x[0] (1-D x)", wrap(lambda a, b: (b @ a[0])[None]), (x, w)))
-        for name, fn, args in baselines:
-            t = _median_ms(lambda fn=fn, args=args: fn(*args), repeats, sync)
-            f32.append((name, t, _rel_err(fn(*args), ref)))
-        best = min(t for _, t, _ in f32)
-        for name, t, err in f32:
-            _row(rows, shape, backend, "float32", name, t, t / best, err)
+        calls = [lambda fn=fn, args=args: fn(*args) for _, fn, args in baselines]
+        for c in calls:  # compile, then pick the fastest float32 formulation as the baseline
+            sync(c())
+        solo = [min(_once(c, sync) for _ in range(3)) for c in calls]
+        best = calls[solo.index(min(solo))]
+        for (name, fn, args), c in zip(baselines, calls):
+            t, ratio = _timed(c, best, repeats, sync)
+            _row(rows, shape, backend, "float32", name, t, ratio, _rel_err(fn(*args), ref))
+        if backend == "jax":  # what XLA's int8 primitives cost alone, without arrayquant
+            _primitive_rows(rows, shape, m, x_np, w_np, best, repeats, sync)
         qa_fn = wrap(aq.quantize_activations)
-        t = _median_ms(lambda qa_fn=qa_fn, x=x: qa_fn(x), repeats, sync)
-        _row(rows, shape, backend, "quantize_activations", "int8 per token", t, t / best, None)
+        t, ratio = _timed(lambda qa_fn=qa_fn, x=x: qa_fn(x), best, repeats, sync)
+        _row(rows, shape, backend, "quantize_activations", "int8 per token", t, ratio, None)
         for case, qkw, act, formulations in CASES:
             qw = aq.quantize(w_np, **qkw)
             if backend == "jax":
@@ -155,8 +189,8 @@ def _run_backend(backend, shapes, repeats, rows):
                     continue
                 fn = wrap(lambda a, b, form=form, act=act: aq.linear(
                     a, b, act_dtype=act, formulation=form))
-                t = _median_ms(lambda fn=fn, x=x, qw=qw: fn(x, qw), repeats, sync)
-                _row(rows, shape, backend, case, form, t, t / best, _rel_err(fn(x, qw), ref))
+                t, ratio = _timed(lambda fn=fn, x=x, qw=qw: fn(x, qw), best, repeats, sync)
+                _row(rows, shape, backend, case, form, t, ratio, _rel_err(fn(x, qw), ref))
         print(f"# done: {backend} {shape}", file=sys.stderr, flush=True)
 
 

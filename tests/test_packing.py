@@ -50,6 +50,32 @@ def test_round_trip_every_backend(backend, call, case):
     assert out.dtype == (np.int8 if signed else np.uint8)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("signed", [True, False])
+def test_bit_fields_of_every_byte(backend, call, bits, signed):
+    """Field r of byte b is bits [r * bits, (r + 1) * bits) of b, sign-extended when signed."""
+    from arrayquant.packing import bit_fields
+
+    b = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    fields = call(lambda p: bit_fields(p, bits, signed=signed))(backend.asarray(b))
+    assert len(fields) == 8 // bits
+    wide = b.astype(np.int64)
+    for r, f in enumerate(fields):
+        f = backend.to_numpy(f)
+        assert f.dtype == (np.int8 if signed else np.uint8)
+        expected = (wide >> (r * bits)) & ((1 << bits) - 1)
+        if signed:
+            expected = np.where(expected >= 1 << (bits - 1), expected - (1 << bits), expected)
+        np.testing.assert_array_equal(f.astype(np.int64), expected, err_msg=f"field {r}")
+
+
+def test_bit_fields_rejects_whole_bytes():
+    from arrayquant.packing import bit_fields
+
+    with pytest.raises(ValueError, match="8-bit bytes are the codes"):
+        bit_fields(np.zeros(3, np.uint8), 8, signed=True)
+
+
 @given(case=packing_cases())
 def test_numpy_fast_path_equals_generic(case):
     import array_api_strict as xps

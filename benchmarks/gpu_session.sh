@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU check of the quantized matmul in one device call (about 9 minutes).
+#
+#   bash benchmarks/gpu_session.sh            # outputs under $OUT (the device tool's folder)
+#
+# Run it from the repository root on the device machine, carrying .whl/ (that
+# machine has JAX with CUDA but not array-api-compat; the wheel is installed to
+# /tmp/site). Each step has its own time limit and writes its own file, so a
+# step that runs out of time still leaves the others' results:
+#   int_accumulation_check.txt  exact integer sums per formulation (+ hlo/ of failures)
+#   test_matmul_jax.txt         tests/test_matmul.py on jax and jax-jit
+#   gpu_bitexact.txt            NumPy vs GPU codes and scales
+#   matmul_jax_gpu.md           benchmarks/matmul.py --backends jax --large
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if ! python3 -c "import array_api_compat" 2>/dev/null; then
+    python3 -m pip install -q --no-deps --target /tmp/site .whl/array_api_compat-*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+timeout 150 python3 benchmarks/int_accumulation_check.py --dump "$OUT/hlo" \
+    > "$OUT/int_accumulation_check.txt" 2>&1
+echo "int_accumulation_check: exit $?"
+# Float reference checks need full float32 products (the GPU default is TF32).
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 python3 -m pytest -q -p no:cacheprovider \
+    -rf --tb=short -k "jax" tests/test_matmul.py > "$OUT/test_matmul_jax.txt" 2>&1
+echo "test_matmul (jax): exit $?"
+timeout 45 python3 benchmarks/gpu_bitexact.py > "$OUT/gpu_bitexact.txt" 2>&1
+echo "gpu_bitexact: exit $?"
+timeout 180 python3 benchmarks/matmul.py --backends jax --large > "$OUT/matmul_jax_gpu.md" 2>&1
+echo "matmul benchmark: exit $?"
+tail -n 3 "$OUT/int_accumulation_check.txt" "$OUT/test_matmul_jax.txt"
