@@ -198,10 +198,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke run)")
     p.add_argument("--large", action="store_true", help="also a 4096^3 GEMM (JAX only)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 7)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 11)")
     p.add_argument("--backends", default="numpy,jax", help="comma-separated: numpy,jax")
     args = p.parse_args(argv)
-    repeats = args.repeats or (2 if args.quick else 7)
+    repeats = args.repeats or (2 if args.quick else 11)
     shapes = QUICK if args.quick else SHAPES + (LARGE if args.large else [])
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
@@ -217,8 +217,8 @@ def main(argv=None) -> None:
         else:
             print(f"# jax {jax.__version__}, device: {jax.devices()[0]} "
                   f"({jax.devices()[0].platform})")
-    print(f"# medians of {repeats} runs; 'vs f32' = time / fastest float32 row of the same "
-          "shape and backend")
+    print(f"# medians of {repeats} runs; 'vs f32' = median of time / time of the fastest "
+          "float32 row of the same shape and backend, called alternately")
     print()
     print(HEADER, flush=True)
     rows: list = []
