@@ -459,8 +459,7 @@ def _gemv_product(x2, w: QArray, wp: _WeightPlan, cdt, xp):
     columns of ``x`` and added inside it: XLA fuses the field extraction (shifts)
     and conversion into the reduction and reads the weight once (a 2-D ``x``, a
     reshape to (n, G, g) or converting the whole weight first each make XLA on CPU
-    10 to 20 times slower; one reduction per field instead of one per group,
-    about 1.4x slower for packed int4 with groups).
+    10 to 20 times slower). Measurements: docs/inference.md.
     """
     s, z = _scales_f(w, wp, cdt, xp)
     xv = xp.reshape(x2, (wp.k,))

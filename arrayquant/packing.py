@@ -16,7 +16,7 @@ NumPy, JAX (under jit and vmap) and array-api-strict.
 from __future__ import annotations
 
 from . import _numpy_packing as _np_fast
-from ._backend import as_int8_bits, dtype_name, is_concrete, is_numpy, namespace
+from ._backend import as_int8_bits, dtype_name, is_concrete, is_jax, is_numpy, namespace
 from ._blocking import normalize_axis
 
 __all__ = [
@@ -168,17 +168,27 @@ def bit_fields(packed, bits: int, *, signed: bool) -> list:
     bits = _check_bits(bits)
     if bits == 8:
         raise ValueError("bit_fields is for 1-, 2- and 4-bit codes; 8-bit bytes are the codes")
+    if dtype_name(packed.dtype) != "uint8":
+        raise TypeError(
+            f"bit_fields needs packed uint8 bytes; got dtype {dtype_name(packed.dtype)}"
+        )
     xp = namespace(packed)
+    # Shift field r to the top of the byte, then back down: the bits above it fall
+    # off the top, and an arithmetic right shift of the int8 view sign-extends.
+    # Shifts only (no masks, no selects), so that compilers fuse the extraction into
+    # the consumer: XLA:CPU's YNNPACK fusions take shifts, bitcasts and converts but
+    # not bitwise and / select. JAX shifts the int8 bitcast (XLA defines the
+    # wrap-around of a left shift); elsewhere the uint8 byte is shifted, where the
+    # array API defines it, and then read as int8.
+    jax_view = as_int8_bits(packed, xp) if signed and is_jax(xp) else None
     out = []
     for r in range(8 // bits):
-        # Shift field r to the top of the byte, then back down: the bits above it
-        # fall off the top, and an arithmetic right shift of the int8 view
-        # sign-extends. Shifts only (no masks, no selects), so that compilers fuse
-        # the extraction into the consumer (XLA:CPU's YNNPACK fusions take shifts
-        # and converts but not bitwise and / select).
         left = 8 - bits * (r + 1)
-        v = as_int8_bits(packed, xp) if signed else packed  # two's complement view
-        v = xp.bitwise_left_shift(v, left) if left else v
+        if jax_view is not None:
+            v = xp.bitwise_left_shift(jax_view, left) if left else jax_view
+        else:
+            v = xp.bitwise_left_shift(packed, left) if left else packed
+            v = as_int8_bits(v, xp) if signed else v
         out.append(xp.bitwise_right_shift(v, 8 - bits))
     return out
 

@@ -14,8 +14,17 @@
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+# Output reaches the files line by line, so a step stopped by its time limit keeps
+# what it printed (timeout sends SIGINT to pytest so that it prints its summary).
+export PYTHONUNBUFFERED=1
 if ! python3 -c "import array_api_compat" 2>/dev/null; then
-    python3 -m pip install -q --no-deps --target /tmp/site .whl/array_api_compat-*.whl
+    wheel=$(ls .whl/array_api_compat-*.whl 2>/dev/null | head -n 1)
+    if [ -z "$wheel" ]; then
+        echo "array_api_compat is missing and no wheel is in .whl/: carry .whl" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --no-deps --no-index --disable-pip-version-check \
+        --target /tmp/site "$wheel"
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -25,7 +34,7 @@ timeout 120 python3 benchmarks/int_accumulation_check.py --cases 60 --dump "$OUT
     > "$OUT/int_accumulation_check.txt" 2>&1
 echo "int_accumulation_check: exit $?"
 # Float reference checks need full float32 products (the GPU default is TF32).
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 python3 -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT 180 python3 -m pytest -q -p no:cacheprovider \
     -rf --tb=short -k "jax" tests/test_matmul.py > "$OUT/test_matmul_jax.txt" 2>&1
 echo "test_matmul (jax): exit $?"
 timeout 45 python3 benchmarks/gpu_bitexact.py > "$OUT/gpu_bitexact.txt" 2>&1

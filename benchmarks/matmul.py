@@ -13,7 +13,8 @@ formulation (same shape and backend) made just before it: the two alternate, so
 load on a shared machine mostly cancels out of the ratio. On JAX, rows ``int8
 primitive alone`` time the XLA operation the quantized rows rest on (the fused
 int8 -> float32 multiply-reduce for one token, the int8 GEMM otherwise) on
-ready codes without scales: a floor for what any formulation can reach. ``rel.err``
+ready codes without scales: a reference for the rows that add unpacking, scales and
+activation quantization to it (noise can put a row below it). ``rel.err``
 is ``|y - x @ W.T| / |x @ W.T|`` (Frobenius), against the float64 product of the inputs.
 JAX runs on its default device (a GPU when there is one); NumPy runs on the CPU.
 """
@@ -24,6 +25,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -118,7 +120,7 @@ def _primitive_rows(rows, shape, m, x_np, w_np, best, repeats, sync):
                         .astype(np.int8))
     if m == 1:
         name = "sum(int8 codes * x, axis=1)"
-        fn = jax.jit(lambda c, x: jnp.sum(c.astype(jnp.float32) * x[0], axis=1))
+        fn = jax.jit(lambda c, x: jnp.sum(c.astype(jnp.float32) * jnp.reshape(x, (-1,)), axis=1))
         args = (codes, jnp.asarray(x_np))
     else:
         name = "dot_general(int8, int8) -> int32"
@@ -170,7 +172,7 @@ def _run_backend(backend, shapes, repeats, rows):
         calls = [lambda fn=fn, args=args: fn(*args) for _, fn, args in baselines]
         for c in calls:  # compile, then pick the fastest float32 formulation as the baseline
             sync(c())
-        solo = [min(_once(c, sync) for _ in range(3)) for c in calls]
+        solo = [statistics.median(_once(c, sync) for _ in range(5)) for c in calls]
         best = calls[solo.index(min(solo))]
         for (name, fn, args), c in zip(baselines, calls):
             t, ratio = _timed(c, best, repeats, sync)

@@ -69,11 +69,15 @@ def test_bit_fields_of_every_byte(backend, call, bits, signed):
         np.testing.assert_array_equal(f.astype(np.int64), expected, err_msg=f"field {r}")
 
 
-def test_bit_fields_rejects_whole_bytes():
+def test_bit_fields_rejects_whole_bytes_and_other_dtypes():
     from arrayquant.packing import bit_fields
 
     with pytest.raises(ValueError, match="8-bit bytes are the codes"):
         bit_fields(np.zeros(3, np.uint8), 8, signed=True)
+    for dtype in (np.int8, np.uint16):
+        match = f"needs packed uint8 bytes; got dtype {dtype.__name__}"
+        with pytest.raises(TypeError, match=match):
+            bit_fields(np.zeros(3, dtype), 4, signed=False)
 
 
 @given(case=packing_cases())
