@@ -465,19 +465,15 @@ def _gemv_product(x2, w: QArray, wp: _WeightPlan, cdt, xp):
     xv = xp.reshape(x2, (wp.k,))
     sums, xsums = [], []
     for _, c0, c1 in _group_bounds(wp):
-        parts = [(xp.astype(c, cdt), xv[c0 + r:c1:per])
+        terms = [xp.astype(c, cdt) * xv[c0 + r:c1:per]
                  for r, per, c in _k_slices(w, wp, c0, c1, xp)]
-        if len({c.shape[1] for c, _ in parts}) == 1:
-            # Fields of equal length: one reduction over all of them (one fused kernel).
-            prod = parts[0][0] * parts[0][1]
-            for c, xr in parts[1:]:
-                prod = prod + c * xr
-            sums.append(xp.sum(prod, axis=1))
-        else:  # a partial last byte: fields of different lengths
-            t = xp.sum(parts[0][0] * parts[0][1], axis=1)
-            for c, xr in parts[1:]:
-                t = t + xp.sum(c * xr, axis=1)
-            sums.append(t)
+        if len({t.shape[1] for t in terms}) > 1:  # a partial last byte: sum each field
+            terms = [xp.sum(t, axis=1, keepdims=True) for t in terms]
+        # Fields of equal length are added before one reduction (one fused kernel).
+        prod = terms[0]
+        for t in terms[1:]:
+            prod = prod + t
+        sums.append(xp.sum(prod, axis=1))
         if z is not None:
             xsums.append(xp.sum(xv[c0:c1]))
     t = xp.stack(sums, axis=1)  # (n, G)

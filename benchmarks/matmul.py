@@ -25,16 +25,14 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import paired_ratio  # noqa: E402
+from _timing import median_time, paired_ratio  # noqa: E402
 
 import arrayquant as aq  # noqa: E402
 
@@ -83,12 +81,6 @@ def _timed(f, base, repeats: int, sync) -> tuple[float, float]:
     return 1e3 * t, ratio
 
 
-def _once(f, sync) -> float:
-    t0 = time.perf_counter()
-    sync(f())
-    return time.perf_counter() - t0
-
-
 def _rel_err(y, ref) -> float:
     y = np.asarray(y, np.float64)
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
@@ -110,8 +102,8 @@ def _row(rows, *fields) -> None:
 
 
 def _primitive_rows(rows, shape, m, x_np, w_np, best, repeats, sync):
-    """Lower bounds on JAX: the int8 primitives the quantized formulations rest on,
-    with codes ready and no scales (``vs f32`` against the same float32 rows)."""
+    """References on JAX: the int8 primitives the quantized formulations rest on,
+    with codes ready and no scales (``vs f32`` against the same float32 baseline)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -172,7 +164,7 @@ def _run_backend(backend, shapes, repeats, rows):
         calls = [lambda fn=fn, args=args: fn(*args) for _, fn, args in baselines]
         for c in calls:  # compile, then pick the fastest float32 formulation as the baseline
             sync(c())
-        solo = [statistics.median(_once(c, sync) for _ in range(5)) for c in calls]
+        solo = [median_time(lambda c=c: sync(c()), 5, warmup=0) for c in calls]
         best = calls[solo.index(min(solo))]
         for (name, fn, args), c in zip(baselines, calls):
             t, ratio = _timed(c, best, repeats, sync)
