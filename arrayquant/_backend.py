@@ -22,6 +22,7 @@ __all__ = [
     "compute_dtype",
     "int_dtype",
     "finfo_limits",
+    "scale_limits",
     "is_concrete",
 ]
 
@@ -106,6 +107,22 @@ def finfo_limits(dtype) -> tuple[float, float]:
     else:
         info = np.finfo(np.dtype(name))
     return float(info.smallest_normal), float(info.max)
+
+
+def scale_limits(scale_dtype, value_dtype) -> tuple[float, float]:
+    """``(lo, hi)``: the scales arrayquant computes, stores, accepts and loads.
+
+    ``lo = max(smallest normal of the scale dtype, 4 * smallest normal of the
+    compute dtype)`` and ``hi = min(largest finite of the scale dtype, 1 /
+    smallest normal of the compute dtype)``, where the compute dtype is float64
+    for float64 values and float32 otherwise. Both ends are exactly
+    representable in the scale dtype. Inside ``[lo, hi]`` a scale is a normal
+    number whose reciprocal is normal too, so no backend flushes either to
+    zero and NumPy and XLA compute the same codes.
+    """
+    tiny_c, _ = finfo_limits("float64" if dtype_name(value_dtype) == "float64" else "float32")
+    tiny_s, big_s = finfo_limits(scale_dtype)
+    return max(tiny_s, 4.0 * tiny_c), min(big_s, 1.0 / tiny_c)
 
 
 def is_concrete(x) -> bool:

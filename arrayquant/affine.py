@@ -43,6 +43,7 @@ from ._backend import (
     is_float_dtype,
     is_numpy,
     namespace,
+    scale_limits,
 )
 from ._blocking import Blocking, plan, plan_from_scale
 from ._qtypes import QType, as_qtype
@@ -120,9 +121,7 @@ def _params_from_range(rmin, rmax, qt: QType, symmetric: bool, sdt, cdt, xp):
     exact (halving) or not fusable.
     """
     tiny_c, _ = finfo_limits(cdt)
-    tiny_s, big_s = finfo_limits(sdt)
-    lo = max(tiny_s, 4.0 * tiny_c)
-    hi = min(big_s, 1.0 / tiny_c)
+    lo, hi = scale_limits(sdt, cdt)
     zero = xp.zeros_like(rmin)
     if symmetric:
         amax = xp.maximum(rmax, -rmin)
