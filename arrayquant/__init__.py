@@ -8,6 +8,7 @@
 
 from ._jax import install_hook as _install_jax_hook
 from ._qtypes import QType, as_qtype
+from ._backend import scale_limits
 from .affine import dequantize, dequantize_with, qparams, quantize, quantize_with
 from .checkpoint import (
     CheckpointError,
@@ -74,6 +75,7 @@ __all__ = [
     "quantize_tree",
     "quantize_with",
     "save",
+    "scale_limits",
     "sqnr_db",
     "to_high_nibble_first",
     "to_planar",

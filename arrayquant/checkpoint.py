@@ -10,12 +10,16 @@ JSON document stored under the key ``"arrayquant"`` of the safetensors header's
 
 - :func:`save` writes atomically (a temporary file in the same folder, flushed to
   disk, then renamed), so a crash or a full disk never leaves a truncated file
-  under the final name.
-- :func:`load` validates everything it reads (the metadata schema, every tensor's
-  dtype and shape against the metadata, code and zero-point ranges, positive
-  finite scales, no missing or unreferenced tensors) and raises
-  :class:`CheckpointError` with the file name and the offending entry otherwise.
-  Plain safetensors files (without arrayquant metadata) load as a flat dict.
+  under the final name. It stores a SHA-256 digest of every tensor and of the
+  metadata itself (format version 2).
+- :func:`load` accepts exactly what :func:`save` can write (and version-1 files):
+  it validates everything it reads (the header's size and nesting, the metadata
+  schema with no duplicate or unknown keys, every tensor's dtype and shape
+  against the metadata, the tree referencing every leaf exactly once at its own
+  path, code and zero-point ranges, scales within :func:`scale_limits`, 0/1
+  booleans, the digests) and raises :class:`CheckpointError` with the file name
+  and the offending entry otherwise. Plain safetensors files (without
+  arrayquant metadata) load as a flat dict.
 - :func:`quantize_checkpoint` quantizes a safetensors or ``.npz`` checkpoint tensor
   by tensor: it reads one tensor (``pread``, no memory map), quantizes it, appends
   it to the output and drops it, so peak memory stays near the largest tensor
@@ -27,24 +31,32 @@ is read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pathlib
-import struct
-import sys
+import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, for safetensors' BF16)
 import numpy as np
 
-from ._backend import is_float_dtype
+from ._backend import is_float_dtype, scale_limits
 from ._blocking import Blocking, plan
-from ._io import atomic_path
-from ._qtypes import QTYPE_NAMES, as_qtype
+from ._io import atomic_path, check_input_file
+from ._qtypes import QTYPE_NAMES, QType, as_qtype
+from ._stfile import (
+    DIGEST_PREFIX,
+    NAME_TO_ST,
+    ST_TO_NAME,
+    CheckpointError,
+    StreamWriter,
+    canonical_json,
+    digest,
+    np_dtype,
+    read_raw_header,
+    strict_json,
+)
 from .packing import packed_length, unpack
 from .qarray import QArray
 from .tree import (
@@ -71,27 +83,25 @@ __all__ = [
     "save",
 ]
 
-#: Version of the metadata layout written by :func:`save`; :func:`load` reads this one.
-FORMAT_VERSION = 1
+#: Version of the metadata layout written by :func:`save`. Version 2 added the digests;
+#: :func:`load` reads versions 1 and 2.
+FORMAT_VERSION = 2
+_READ_VERSIONS = (1, 2)
+#: The deepest tree :func:`save` writes and :func:`load` reads (the root is depth 0).
+MAX_TREE_DEPTH = 100
+# Each tree level nests three JSON levels (node, items, [key, node]) below the document.
+_MAX_JSON_DEPTH = 3 * MAX_TREE_DEPTH + 2
 _META_KEY = "arrayquant"
+# Version 2 marks its files twice (``format`` and the document's own key), so that
+# one damaged byte in either key cannot make a checkpoint read as a plain file.
+_FORMAT_KEY = "format"
 _ROLES = ("data", "scale", "zero_point")
-
-# safetensors dtype codes <-> NumPy dtype names (the ones NumPy can hold).
-_ST_TO_NAME = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
-    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64",
-    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-}
-_NAME_TO_ST = {v: k for k, v in _ST_TO_NAME.items()}
+_ST_TO_NAME, _NAME_TO_ST, _np_dtype = ST_TO_NAME, NAME_TO_ST, np_dtype
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is malformed, inconsistent or unsupported (the message says where)."""
-
-
-def _np_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+_ARRAY_KEYS = ("path", "kind", "tensor")
+_QARRAY_KEYS = ("path", "kind", "qtype", "dtype", "shape", "block_shape", "packed_axis",
+                *_ROLES)
+_DIGEST = re.compile(re.escape(DIGEST_PREFIX) + "[0-9a-f]{64}")
 
 
 def _to_numpy(a, path: str) -> np.ndarray:
@@ -139,6 +149,9 @@ def _leaf_entry(path: str, leaf) -> dict[str, Any]:
 def _skeleton(node, prefix: tuple[str, ...], leaves: list) -> dict[str, Any] | None:
     """JSON skeleton of a tree of builtin containers, or None if it has other containers."""
     path = "/".join(prefix)
+    if len(prefix) > MAX_TREE_DEPTH:
+        raise ValueError(f"cannot save {path[:80]!r}...: the tree is nested more than "
+                         f"{MAX_TREE_DEPTH} levels deep, the most a checkpoint holds")
     if _is_leaf(node):
         leaves.append((path, node))
         return {"type": "leaf", "path": path}
@@ -203,17 +216,29 @@ def _describe(tree) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:
     return leaves, skeleton
 
 
-def _metadata(entries: list[dict[str, Any]], skeleton) -> dict[str, str]:
-    doc = {"version": FORMAT_VERSION, "leaves": entries, "tree": skeleton}
-    return {_META_KEY: json.dumps(doc, separators=(",", ":"))}
+def _body_digest(body: dict[str, Any]) -> str:
+    return digest(np.frombuffer(canonical_json(body).encode(), np.uint8))
 
 
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _metadata(entries: list[dict[str, Any]], skeleton):
+    """``digests -> __metadata__``: the document with the tensors' and its own digests."""
+    body = {"version": FORMAT_VERSION, "leaves": entries, "tree": skeleton}
+    own = _body_digest(body)
+
+    def with_digests(tensor_digests: dict[str, str]) -> dict[str, str]:
+        doc = {**body, "digests": {"metadata": own, "tensors": tensor_digests}}
+        return {_FORMAT_KEY: _META_KEY, _META_KEY: canonical_json(doc)}
+
+    return with_digests
+
+
+def _write(out_path, specs, metadata, parts) -> None:
+    """Atomically write the tensors ``parts`` yields, in the order of ``specs``."""
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
+        writer = StreamWriter(fh, specs, metadata)
+        for name, a in parts:
+            writer.write(name, a)
+        writer.close()
 
 
 def save(path, tree) -> None:
@@ -225,12 +250,20 @@ def save(path, tree) -> None:
     and comes back from ``load(path, like=template)``. Arrays are converted to
     NumPy (JAX arrays are copied to the host).
 
+    Every tensor's SHA-256 digest and one of the metadata are stored with it, and
+    :func:`load` checks them. A QArray is saved only if :func:`load` would accept
+    it: codes and zero points in range, scales within :func:`scale_limits`.
+
     Raises:
         TypeError: a leaf that is not an array (under builtin containers), a
             non-string dict key, a dtype safetensors cannot store, a traced value,
             or a single array instead of a tree.
-        ValueError: two leaves with the same path, or two tensor names that clash.
-        OSError: the file cannot be written (the previous file, if any, is intact).
+        ValueError: two leaves with the same path, two tensor names that clash, a
+            tree nested more than ``MAX_TREE_DEPTH`` levels, a QArray whose values
+            :func:`load` would reject.
+        OSError: the file cannot be written: a missing folder, no permission, a
+            full disk, a symbolic link or read-only file as ``path`` (the previous
+            file, if any, is intact).
 
     Example:
         >>> import numpy as np, arrayquant as aq, tempfile, os
@@ -240,8 +273,6 @@ def save(path, tree) -> None:
         >>> aq.load(f)["w"]
         QArray(qtype=int4, shape=(2, 8), dtype=float32, per-tensor, asymmetric, packed_axis=1)
     """
-    from safetensors.numpy import save_file
-
     leaves, skeleton = _describe(tree)
     entries = []
     tensors: dict[str, np.ndarray] = {}
@@ -259,10 +290,17 @@ def save(path, tree) -> None:
                     "leaf; rename one of them"
                 )
             tensors[name] = _to_numpy(arrays[role], p)
-    path = pathlib.Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=_metadata(entries, skeleton))
-        _fsync(tmp)
+        if isinstance(leaf, QArray):
+            parts = [None if n is None else tensors[n] for n in names.values()]
+            problem = _qarray_problem(leaf.qtype, leaf.dtype, leaf.shape, leaf.packed_axis,
+                                      *parts)
+            if problem:
+                raise ValueError(f"cannot save {p!r}: {problem}; load() would reject it")
+    # Widest items first keeps every tensor aligned to its item size in the file.
+    names = sorted(tensors, key=lambda n: -tensors[n].dtype.itemsize)
+    specs = [(n, tensors[n].dtype.name, tensors[n].shape) for n in names]
+    _write(path, specs, _metadata(entries, skeleton),
+           ((n, tensors[n]) for n in names))
 
 
 # --------------------------------------------------------------------------- reading headers
@@ -307,6 +345,9 @@ class CheckpointInfo:
     version: int | None
     leaves: tuple[LeafInfo, ...]
     file_size: int
+    #: "sha256" when the file stores a digest of every tensor and of its metadata
+    #: (format version 2), else None.
+    integrity: str | None = None
 
 
 def _raise(file, msg: str) -> None:
@@ -330,11 +371,15 @@ def _safe_open(file):
 
 
 def _header(file: pathlib.Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict]:
-    """({tensor: (dtype code, shape)} in file order, metadata) from the safetensors header."""
+    """({tensor: (dtype code, shape)} in file order, metadata) from the safetensors header.
+
+    The JSON is read strictly first (size, nesting, duplicate keys, NaN); then
+    ``safetensors`` checks the tensor entries (dtypes, shapes, contiguous offsets).
+    """
     from safetensors import SafetensorError
 
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file")
+    check_input_file(file)
+    read_raw_header(file)
     try:
         with _safe_open(file) as f:
             tensors = {}
@@ -391,8 +436,13 @@ def _parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
     path = _str_field(file, where, entry, "path")
     where = f"leaf {path!r}"
     kind = entry.get("kind")
+    if kind in ("array", "qarray"):
+        _expect_keys(file, where, entry, _ARRAY_KEYS if kind == "array" else _QARRAY_KEYS)
     if kind == "array":
         name = _str_field(file, where, entry, "tensor")
+        if name != path:
+            _raise(file, f"{where}: field 'tensor' must be the leaf's path {path!r}, got "
+                         f"{name!r}")
         if name not in tensors:
             _raise(file, f"{where}: tensor {name!r} is missing from the file")
         code, shape = tensors[name]
@@ -430,9 +480,13 @@ def _parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
     for role in _ROLES:
         v = entry.get(role)
         if role == "zero_point" and v is None:
+            if not qt.signed:
+                _raise(file, f"{where}: {qtype} is unsigned, so it needs a zero point (only "
+                             "signed types are stored symmetric, with 'zero_point' null)")
             names[role] = None
-        elif not isinstance(v, str):
-            _raise(file, f"{where}: field {role!r} must be a tensor name (string), got {v!r}")
+        elif v != f"{path}:{role}":
+            _raise(file, f"{where}: field {role!r} must name the tensor {path + ':' + role!r}, "
+                         f"got {v!r}")
         else:
             names[role] = v
     if packed_axis is None:
@@ -451,48 +505,112 @@ def _parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
                     used, sum(_tensor_nbytes(tensors, n) for n in used))
 
 
-def _check_skeleton(file, node, paths: set[str], seen: set[str], depth: int = 0) -> None:
-    if depth > 100:
-        _raise(file, "the 'tree' structure is nested more than 100 levels deep")
-    if not isinstance(node, dict):
-        _raise(file, f"tree node must be a JSON object, got {node!r}")
-    t = node.get("type")
+def _expect_keys(file, where: str, obj: dict, keys: tuple[str, ...]) -> None:
+    if set(obj) != set(keys):
+        extra = sorted(set(obj) - set(keys))
+        missing = sorted(set(keys) - set(obj))
+        _raise(file, f"{where}: expected the fields {', '.join(keys)}"
+                     + (f"; unknown: {', '.join(map(repr, extra))}" if extra else "")
+                     + (f"; missing: {', '.join(map(repr, missing))}" if missing else ""))
+
+
+_NODE_KEYS = {"leaf": ("type", "path"), "none": ("type",), "dict": ("type", "items"),
+              "list": ("type", "items"), "tuple": ("type", "items")}
+
+
+def _check_skeleton(file, node, prefix: tuple[str, ...], paths: set[str], seen: set[str]) -> None:
+    """The tree is what save() writes: each leaf once, at the path of its position."""
+    here = "/".join(prefix) or "the root"
+    if len(prefix) > MAX_TREE_DEPTH:
+        _raise(file, f"the 'tree' structure is nested more than {MAX_TREE_DEPTH} levels deep")
+    if not (isinstance(node, dict) and isinstance(node.get("type"), str)
+            and node["type"] in _NODE_KEYS):
+        _raise(file, f"tree node at {here!r} must be an object whose 'type' is one of "
+                     f"{', '.join(_NODE_KEYS)}; got {canonical_json(node)[:80]}")
+    t = node["type"]
+    _expect_keys(file, f"tree node at {here!r}", node, _NODE_KEYS[t])
     if t == "none":
         return
     if t == "leaf":
-        p = node.get("path")
+        p, want = node["path"], "/".join(prefix)
+        if not isinstance(p, str):
+            _raise(file, f"tree leaf at {here!r}: 'path' must be a string, got {p!r}")
+        if p != want:
+            _raise(file, f"tree leaf at {here!r} refers to leaf {p!r}; a leaf is stored at "
+                         f"its own path")
         if p not in paths:
             _raise(file, f"the tree refers to leaf {p!r}, which is not in 'leaves'")
         if p in seen:
             _raise(file, f"the tree refers to leaf {p!r} twice")
         seen.add(p)
         return
-    items = node.get("items")
-    if t not in ("dict", "list", "tuple") or not isinstance(items, list):
-        _raise(file, f"tree node must have a 'type' of dict, list, tuple, leaf or none and a "
-                     f"list of 'items'; got {json.dumps(node)[:80]}")
-    for item in items:
+    items = node["items"]
+    if not isinstance(items, list):
+        _raise(file, f"tree node at {here!r}: 'items' must be a list")
+    keys: set[str] = set()
+    for i, item in enumerate(items):
+        key = str(i)
         if t == "dict":
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 _raise(file, f"dict items must be [key, node] pairs, got {item!r}"[:200])
-            item = item[1]
-        _check_skeleton(file, item, paths, seen, depth + 1)
+            key, item = item
+            if key in keys:
+                _raise(file, f"the dict at {here!r} has the key {key!r} twice")
+            keys.add(key)
+        _check_skeleton(file, item, (*prefix, key), paths, seen)
 
 
-def _parse(file, tensors, meta) -> tuple[int, list[LeafInfo], Any]:
-    raw = meta[_META_KEY]
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as e:
-        _raise(file, f"the {_META_KEY!r} metadata is not valid JSON ({e})")
+def _check_digests(file, doc: dict, tensors) -> dict[str, str]:
+    """The tensors' digests of a version-2 document, after checking its own."""
+    where = "metadata field 'digests'"
+    d = doc["digests"]
+    if not isinstance(d, dict):
+        _raise(file, f"{where} must be an object")
+    _expect_keys(file, where, d, ("metadata", "tensors"))
+    own, per_tensor = d["metadata"], d["tensors"]
+    if not isinstance(per_tensor, dict):
+        _raise(file, f"{where}: 'tensors' must be an object")
+    for name, v in [("metadata", own), *per_tensor.items()]:
+        if not isinstance(v, str) or not _DIGEST.fullmatch(v):
+            _raise(file, f"{where}: the digest of {name!r} must be 'sha256:' and 64 lowercase "
+                         f"hex digits, got {v!r}"[:200])
+    body = {k: doc[k] for k in ("version", "leaves", "tree")}
+    if _body_digest(body) != own:
+        _raise(file, "the metadata does not match its digest: the header was changed or "
+                     "damaged after it was written")
+    if set(per_tensor) != set(tensors):
+        odd = sorted(set(per_tensor) ^ set(tensors))[0]
+        _raise(file, f"{where}: the digests name other tensors than the file holds (first: "
+                     f"{odd!r})")
+    return per_tensor
+
+
+def _is_arrayquant(meta: dict) -> bool:
+    """Either of the two marks: one damaged byte must not turn a checkpoint into a plain file."""
+    return _META_KEY in meta or meta.get(_FORMAT_KEY) == _META_KEY
+
+
+def _parse(file, tensors, meta) -> tuple[int, list[LeafInfo], Any, dict[str, str] | None]:
+    """(version, leaves, tree skeleton, tensor digests or None for version 1)."""
+    if _META_KEY not in meta:
+        _raise(file, f"the safetensors metadata says format {_META_KEY!r} but has no "
+                     f"{_META_KEY!r} entry: the header was changed or damaged")
+    doc = strict_json(meta[_META_KEY], f"{_META_KEY!r} metadata", file, _MAX_JSON_DEPTH)
     if not isinstance(doc, dict):
         _raise(file, f"the {_META_KEY!r} metadata must be a JSON object")
     version = doc.get("version")
     if not _is_int(version) or version < 1:
         _raise(file, f"metadata field 'version' must be a positive int, got {version!r}")
-    if version > FORMAT_VERSION:
+    if version not in _READ_VERSIONS:
         _raise(file, f"written with checkpoint format version {version}; this arrayquant reads "
-                     f"version {FORMAT_VERSION}: upgrade arrayquant")
+                     f"versions {', '.join(map(str, _READ_VERSIONS))}: upgrade arrayquant")
+    _expect_keys(file, "the metadata", doc,
+                 ("version", "leaves", "tree", *(("digests",) if version >= 2 else ())))
+    if version >= 2 and meta.get(_FORMAT_KEY) != _META_KEY:
+        _raise(file, f"the safetensors metadata field {_FORMAT_KEY!r} must be {_META_KEY!r} in "
+                     f"format version {version}, got {meta.get(_FORMAT_KEY)!r}: the header was "
+                     "changed or damaged")
+    digests = _check_digests(file, doc, tensors) if version >= 2 else None
     entries = doc.get("leaves")
     if not isinstance(entries, list):
         _raise(file, "metadata field 'leaves' must be a list")
@@ -514,10 +632,10 @@ def _parse(file, tensors, meta) -> tuple[int, list[LeafInfo], Any]:
     skeleton = doc.get("tree")
     if skeleton is not None:
         seen: set[str] = set()
-        _check_skeleton(file, skeleton, paths, seen)
+        _check_skeleton(file, skeleton, (), paths, seen)
         if seen != paths:
             _raise(file, f"leaf {sorted(paths - seen)[0]!r} is missing from the 'tree' structure")
-    return version, leaves, skeleton
+    return version, leaves, skeleton, digests
 
 
 def _plain_leaves(file, tensors) -> list[LeafInfo]:
@@ -559,16 +677,16 @@ def checkpoint_info(path) -> CheckpointInfo:
     """Describe a checkpoint from its header, without reading tensor data.
 
     Works on arrayquant checkpoints, plain safetensors files and ``.npz`` files.
-    The header is validated as by :func:`load` (schema, dtypes and shapes); code
-    ranges and scale values are only checked by :func:`load`.
+    The header is validated as by :func:`load` (schema, dtypes, shapes and the
+    metadata's own digest); code ranges, scale values and tensor digests are only
+    checked by :func:`load`.
 
     Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: a malformed file.
+        FileNotFoundError, IsADirectoryError, PermissionError: ``path`` is missing,
+            a folder, or unreadable.
+        CheckpointError: a malformed file, or not a regular file (a FIFO, a device).
     """
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file")
+    file = check_input_file(path)
     size = file.stat().st_size
     if file.suffix == ".npz":
         headers = _npz_headers(file)
@@ -578,58 +696,86 @@ def checkpoint_info(path) -> CheckpointInfo:
         )
         return CheckpointInfo(str(file), "npz", None, leaves, size)
     tensors, meta = _header(file)
-    if _META_KEY not in meta:
+    if not _is_arrayquant(meta):
         return CheckpointInfo(str(file), "safetensors", None,
                               tuple(_plain_leaves(file, tensors)), size)
-    version, leaves, _ = _parse(file, tensors, meta)
-    return CheckpointInfo(str(file), "arrayquant", version, tuple(leaves), size)
+    version, leaves, _, digests = _parse(file, tensors, meta)
+    return CheckpointInfo(str(file), "arrayquant", version, tuple(leaves), size,
+                          None if digests is None else "sha256")
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _read(file, f, name: str) -> np.ndarray:
+def _read(file, f, name: str, expected_digest: str | None = None) -> np.ndarray:
+    """One tensor, its digest checked (when given) and booleans checked to be 0 or 1."""
     from safetensors import SafetensorError
 
     try:
-        return f.get_tensor(name)
+        a = f.get_tensor(name)
     except (SafetensorError, TypeError, ValueError) as e:
         _raise(file, f"cannot read tensor {name!r} ({e})")
+    if expected_digest is not None and digest(a) != expected_digest:
+        _raise(file, f"tensor {name!r} does not match its digest: its bytes were changed or "
+                     "damaged after the file was written")
+    if a.dtype == np.bool_ and a.size and a.view(np.uint8).max() > 1:
+        _raise(file, f"tensor {name!r} is boolean but holds bytes other than 0 and 1")
+    return a
 
 
-def _check_range(file, leaf: LeafInfo, what: str, values: np.ndarray, lo: int, hi: int) -> None:
-    if values.size and (values.min() < lo or values.max() > hi):
-        _raise(file, f"leaf {leaf.path!r}: {what} outside [{lo}, {hi}] (min {values.min()}, "
-                     f"max {values.max()}) for {leaf.qtype}"
-                     + (" symmetric" if leaf.symmetric and what == "codes" else ""))
+def _range_problem(what: str, values: np.ndarray, lo, hi, of: str) -> str | None:
+    if values.size and not (values.min() >= lo and values.max() <= hi):  # NaN fails too
+        return (f"{what} outside [{lo:.6g}, {hi:.6g}] (min {values.min()}, max {values.max()}) "
+                f"for {of}")
+    return None
 
 
-def _load_qarray(file, f, leaf: LeafInfo) -> QArray:
-    qt = as_qtype(leaf.qtype)
-    names = dict(zip(("data", "scale", "zero_point"), leaf.tensors))
-    data = _read(file, f, names["data"])
-    scale = _read(file, f, names["scale"])
-    zp = None if leaf.symmetric else _read(file, f, names["zero_point"])
-    lo = max(qt.qmin, -qt.qmax) if leaf.symmetric else qt.qmin
-    if leaf.packed_axis is None:
-        _check_range(file, leaf, "codes", data, lo, qt.qmax)
-    else:
-        n = leaf.shape[leaf.packed_axis]
+def _qarray_problem(qtype: str, dtype: str, shape, packed_axis, data: np.ndarray,
+                    scale: np.ndarray, zp: np.ndarray | None) -> str | None:
+    """What makes these QArray values unsavable and unloadable, or None.
+
+    Codes within the qtype's range (``[-qmax, qmax]`` when symmetric), zero bits
+    after the last packed code, zero points within ``[qmin, qmax]``, and scales
+    within :func:`scale_limits` (finite, normal, with a normal reciprocal).
+    """
+    qt: QType = as_qtype(qtype)
+    lo = max(qt.qmin, -qt.qmax) if zp is None else qt.qmin
+    codes = data
+    if packed_axis is not None:
+        n = shape[packed_axis]
         per = 8 // qt.bits
         if n % per:  # the unused high bits of each row's last byte must be zero
-            last = np.take(data, [data.shape[leaf.packed_axis] - 1], axis=leaf.packed_axis)
+            last = np.take(data, [data.shape[packed_axis] - 1], axis=packed_axis)
             if np.any(last >> ((n % per) * qt.bits)):
-                _raise(file, f"leaf {leaf.path!r}: the padding bits after the last packed code "
-                             "are not zero")
-        if lo != qt.qmin:
-            codes = unpack(data, qt.bits, n, axis=leaf.packed_axis, signed=qt.signed)
-            _check_range(file, leaf, "codes", codes, lo, qt.qmax)
-    if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
-        _raise(file, f"leaf {leaf.path!r}: scales must be finite and positive")
-    if zp is not None:
-        _check_range(file, leaf, "zero points", zp, qt.qmin, qt.qmax)
-    return QArray(data, scale, zp, leaf.qtype, leaf.shape, leaf.dtype, leaf.block_shape,
-                  leaf.packed_axis)
+                return "the padding bits after the last packed code are not zero"
+        codes = None if lo == qt.qmin else unpack(data, qt.bits, n, axis=packed_axis,
+                                                  signed=qt.signed)
+    s_lo, s_hi = scale_limits(scale.dtype, dtype)
+    with np.errstate(invalid="ignore"):  # a damaged scale may be a signalling NaN
+        s64 = scale.astype(np.float64)
+    return (
+        (None if codes is None else _range_problem(
+            "codes", codes, lo, qt.qmax, qt.name + (" symmetric" if zp is None else "")))
+        or _range_problem("scales", s64, s_lo, s_hi,
+                          f"{scale.dtype} scales of {dtype} values (see arrayquant.scale_limits)")
+        or (None if zp is None else _range_problem("zero points", zp, qt.qmin, qt.qmax, qt.name))
+    )
+
+
+def _load_qarray(file, f, leaf: LeafInfo, digests: dict[str, str]) -> QArray:
+    names = dict(zip(("data", "scale", "zero_point"), leaf.tensors))
+    data, scale = (_read(file, f, names[r], digests.get(names[r])) for r in ("data", "scale"))
+    zp = None if leaf.symmetric else _read(file, f, names["zero_point"],
+                                           digests.get(names["zero_point"]))
+    problem = _qarray_problem(leaf.qtype, leaf.dtype, leaf.shape, leaf.packed_axis, data,
+                              scale, zp)
+    if problem:
+        _raise(file, f"leaf {leaf.path!r}: {problem}")
+    try:
+        return QArray(data, scale, zp, leaf.qtype, leaf.shape, leaf.dtype, leaf.block_shape,
+                      leaf.packed_axis)
+    except (TypeError, ValueError) as e:
+        _raise(file, f"leaf {leaf.path!r}: {e}")
 
 
 def _build(node, leaves: dict[str, Any]):
@@ -662,7 +808,7 @@ def _fill(like, leaves: dict[str, Any], file):
     return out
 
 
-def load(path, *, like=None):
+def load(path, *, like=None, verify: bool = True):
     """Read a checkpoint written by :func:`save` (or any plain safetensors file).
 
     Returns the saved tree with NumPy arrays and :class:`QArray` s of NumPy arrays
@@ -673,34 +819,45 @@ def load(path, *, like=None):
     the leaves are put into ``like``'s structure instead: every array or QArray
     leaf of ``like`` is replaced by the stored leaf of the same path.
 
-    Everything is validated before it is returned: metadata schema and version;
-    each tensor's presence, dtype and shape against the metadata; codes within the
-    qtype's range (``[-qmax, qmax]`` when symmetric) and zero bits after the last
-    packed code; zero points within ``[qmin, qmax]``; finite positive scales; no
-    tensor left unreferenced.
+    It accepts exactly what :func:`save` can write (and format-version-1 files).
+    Everything is validated before it is returned: the header's size and nesting,
+    metadata schema and version (no duplicate, unknown or missing keys, no NaN
+    literals); the metadata's own digest; each tensor's presence, dtype and shape
+    against the metadata; the tree referencing every leaf exactly once, at its own
+    path; codes within the qtype's range (``[-qmax, qmax]`` when symmetric) and
+    zero bits after the last packed code; zero points within ``[qmin, qmax]``;
+    scales within :func:`scale_limits`; booleans 0 or 1; no tensor left
+    unreferenced; and, with ``verify`` (the default), every tensor's SHA-256
+    digest. Hashing costs about 0.6 s per GB on one core (``docs/benchmarks.md``);
+    ``verify=False`` skips only that. Version-1 files have no digests: a damaged
+    byte in their tensor data loads as a changed value.
 
     Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: (a ValueError) a malformed, truncated, inconsistent or
-            newer-format file, or ``like`` does not fit; the message names the
-            file and the entry.
+        FileNotFoundError, IsADirectoryError, PermissionError: ``path`` is missing,
+            a folder, or unreadable.
+        CheckpointError: (a ValueError) a malformed, truncated, damaged,
+            inconsistent or newer-format file, a FIFO or device instead of a file,
+            or ``like`` does not fit; the message names the file and the entry.
     """
     from safetensors import SafetensorError
 
     file = pathlib.Path(path)
     tensors, meta = _header(file)
-    if _META_KEY in meta:
-        _, leaves, skeleton = _parse(file, tensors, meta)
+    digests: dict[str, str] | None = None
+    if _is_arrayquant(meta):
+        _, leaves, skeleton, digests = _parse(file, tensors, meta)
     else:
         leaves, skeleton = _plain_leaves(file, tensors), None
+    digests = digests if verify and digests is not None else {}
     out: dict[str, Any] = {}
     try:
         with _safe_open(file) as f:
             for leaf in leaves:
                 if leaf.quantized:
-                    out[leaf.path] = _load_qarray(file, f, leaf)
+                    out[leaf.path] = _load_qarray(file, f, leaf, digests)
                 else:
-                    out[leaf.path] = _read(file, f, leaf.tensors[0])
+                    name = leaf.tensors[0]
+                    out[leaf.path] = _read(file, f, name, digests.get(name))
     except SafetensorError as e:
         _raise(file, f"not a valid safetensors file ({e})")
     if like is not None:
@@ -709,52 +866,6 @@ def load(path, *, like=None):
 
 
 # --------------------------------------------------------------------------- streaming
-
-
-class _StreamWriter:
-    """Writes a safetensors file whose tensors are known up front, one tensor at a time.
-
-    The header (8-byte little-endian length, then JSON padded with spaces to a
-    multiple of 8) lists every tensor's dtype, shape and byte range; the data
-    follows in the same order, so each tensor can be written and dropped.
-    """
-
-    def __init__(self, fh, specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict):
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        self._order = []
-        for name, dtype, shape in specs:
-            nbytes = math.prod(shape) * _np_dtype(dtype).itemsize
-            header[name] = {"dtype": _NAME_TO_ST[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            self._order.append((name, dtype, tuple(shape)))
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        fh.write(struct.pack("<Q", len(text)))
-        fh.write(text)
-        self._fh = fh
-        self._next = 0
-
-    def write(self, name: str, a) -> None:
-        exp_name, exp_dtype, exp_shape = self._order[self._next]
-        a = np.asarray(a)
-        if (name, a.dtype.name, a.shape) != (exp_name, exp_dtype, exp_shape):
-            raise RuntimeError(
-                f"internal error: tensor {name!r} {a.dtype.name}{list(a.shape)} does not match "
-                f"the header's {exp_name!r} {exp_dtype}{list(exp_shape)}"
-            )
-        if sys.byteorder != "little" and a.dtype.itemsize > 1:
-            a = a.byteswap()
-        self._fh.write(a.copy(order="C").reshape(-1).view(np.uint8).data
-                       if not a.flags.c_contiguous else a.reshape(-1).view(np.uint8).data)
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self._order):
-            raise RuntimeError("internal error: not every tensor was written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
 
 
 class _Source:
@@ -768,7 +879,7 @@ class _Source:
         else:
             self.kind = "safetensors"
             tensors, meta = _header(file)
-            if _META_KEY in meta:
+            if _is_arrayquant(meta):
                 _raise(file, "is already an arrayquant checkpoint; quantize the float original")
             for leaf in _plain_leaves(file, tensors):
                 tensors[leaf.path] = (leaf.dtype, leaf.shape)
@@ -854,9 +965,7 @@ def quantize_checkpoint(in_path, out_path, rules: Rule | Iterable[Rule], *,
             in a selected tensor, ``out_path`` equal to ``in_path``.
     """
     rules = _as_rules(rules)
-    src_file, out_file = pathlib.Path(in_path), pathlib.Path(out_path)
-    if not src_file.is_file():
-        raise FileNotFoundError(f"{src_file}: no such file")
+    src_file, out_file = check_input_file(in_path), pathlib.Path(out_path)
     if out_file.exists() and out_file.resolve() == src_file.resolve():
         raise ValueError(f"the output {out_file} is the input; choose another output path")
     source = _Source(src_file)
@@ -874,27 +983,27 @@ def quantize_checkpoint(in_path, out_path, rules: Rule | Iterable[Rule], *,
     rows: list[LeafReport] = []
     from tqdm import tqdm
 
-    with atomic_path(out_file) as tmp, open(tmp, "wb") as fh, source, tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-        desc=src_file.name, leave=False,
-    ) as bar:
-        writer = _StreamWriter(fh, specs, metadata)
+    def parts(bar):
+        """Read, quantize and yield one tensor at a time, then drop it."""
         for name, rule, outs, entry in plans:
             x = source.get(name)
             if rule is None:
-                writer.write(name, x)
+                yield name, x
                 rows.append(_leaf_report(name, x, x))
             else:
                 qa = _quantize_leaf(rule, name, x)
-                for (tname, _, _), part in zip(outs, (qa.data, qa.scale, qa.zero_point)):
-                    writer.write(tname, part)
                 if (qa.block_shape, qa.packed_axis) != (tuple(entry["block_shape"]),
                                                         entry["packed_axis"]):
                     raise RuntimeError(f"internal error: {name!r} was quantized as {qa!r}, not "
                                        "as planned")
+                for (tname, _, _), part in zip(outs, (qa.data, qa.scale, qa.zero_point)):
+                    yield tname, part
                 rows.append(_leaf_report(name, x, qa))
                 del qa
             bar.update(x.nbytes)
             del x
-        writer.close()
+
+    with source, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                      disable=not progress, desc=src_file.name, leave=False) as bar:
+        _write(out_path, specs, metadata, parts(bar))
     return TreeReport(tuple(rows))

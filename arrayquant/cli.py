@@ -8,19 +8,24 @@
     arrayquant demo [--backend auto|jax|numpy] [--repeats N]
 
 Exit status: 0 on success, 2 on a usage error (argparse prints the usage), 1 on
-bad input (a missing or malformed file, a bad regular expression, a rule that
-does not fit a tensor), with one line ``arrayquant: error: ...`` on stderr.
-``docs/cli.md`` has examples.
+bad input (a missing or malformed file, an output that cannot be written, a bad
+regular expression, a rule that does not fit a tensor), with one line
+``arrayquant: error: ...`` on stderr, and 1 on a bug, with one line
+``arrayquant: internal error: ...`` (``ARRAYQUANT_TRACEBACK=1`` shows the
+traceback instead); 130 on Ctrl-C. SIGTERM and SIGHUP end the process as
+usual, without leaving a temporary file. ``docs/cli.md`` has examples.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from ._io import check_output_path
 from ._qtypes import QTYPE_NAMES
 
 __all__ = ["main"]
@@ -149,6 +154,7 @@ def _rules(args):
 def _cmd_quantize(args) -> int:
     from .checkpoint import quantize_checkpoint
 
+    check_output_path(args.output)  # before reading anything; also catches -o ""
     report = quantize_checkpoint(args.input, args.output, _rules(args),
                                  progress=not args.no_progress)
     if args.verbose:
@@ -197,12 +203,17 @@ def _cmd_inspect(args) -> int:
     ratio = f" ({original / stored:.2f}x smaller)" if stored and quantized else ""
     print(f"bytes:       {format_bytes(stored)} stored, {format_bytes(original)} unquantized"
           f"{ratio}")
+    if info.kind == "arrayquant":
+        print("integrity:   " + ("sha256 digest of every tensor and of the metadata"
+                                 if info.integrity else
+                                 f"none (format version {info.version} stores no digests)"))
     if args.verify:
         if info.kind == "npz":
             raise ValueError("--verify reads safetensors files; .npz files have no quantized "
                              "tensors to verify")
         load(args.file)
-        print("verified:    every tensor read and validated")
+        print("verified:    every tensor read and validated"
+              + (", digests match" if info.integrity else ""))
     return 0
 
 
@@ -219,7 +230,8 @@ def _cmd_demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``arrayquant`` command line with ``argv`` (default ``sys.argv[1:]``).
 
-    Returns the exit status: 0 success, 1 bad input (one line on stderr), 2 usage error.
+    Returns the exit status: 0 success, 1 bad input or an internal error (one line on
+    stderr), 2 usage error, 130 interrupted.
     """
     parser = _parser()
     try:
@@ -235,6 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"{_PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line, unless asked for the traceback
+        if os.environ.get("ARRAYQUANT_TRACEBACK", "") not in ("", "0"):
+            raise
+        message = " ".join(str(e).split())
+        what = f"{type(e).__name__}: {message}" if message else type(e).__name__
+        print(f"{_PROG}: internal error: {what} "
+              "(set ARRAYQUANT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 1
 
 

@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 import arrayquant as aq
 from arrayquant._qtypes import QTYPE_NAMES
+from arrayquant._stfile import StreamWriter, digest
 from arrayquant.checkpoint import FORMAT_VERSION, CheckpointError
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -221,16 +222,57 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     f = tmp_path / "m.safetensors"
     aq.save(f, {"a": np.ones(3)})
     before = f.read_bytes()
+    real_write = StreamWriter.write
 
-    def crash(tensors, filename, metadata=None):
-        pathlib.Path(filename).write_bytes(b"partial")
+    def crash(self, name, a):
+        real_write(self, name, a)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors_numpy, "save_file", crash)
+    monkeypatch.setattr(StreamWriter, "write", crash)
     with pytest.raises(OSError, match="No space left"):
         aq.save(f, {"a": np.zeros(3)})
     assert f.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_save_on_a_full_disk_raises_oserror_not_safetensors_error(tmp_path):
+    """Issue 9 (7): /dev/full fails every write with ENOSPC, as a full disk does."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    import arrayquant._io as aio
+
+    class Full:
+        def __init__(self, *a, **k):
+            self._fh = open("/dev/full", "wb")  # noqa: SIM115
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+    f = tmp_path / "m.safetensors"
+    import builtins
+
+    real_open = builtins.open
+
+    def fake_open(path, mode="r", *a, **k):
+        if "w" in mode and str(path).startswith(str(tmp_path / ".m.safetensors")):
+            return Full()
+        return real_open(path, mode, *a, **k)
+
+    try:
+        builtins.open = fake_open
+        with pytest.raises(OSError) as info:
+            aq.save(f, {"a": np.ones(1 << 16)})
+    finally:
+        builtins.open = real_open
+    assert info.value.errno == 28 and type(info.value).__module__ == "builtins"
+    assert not f.exists() and list(tmp_path.iterdir()) == []
+    assert aio is not None
 
 
 # ---------------------------------------------------------------- hostile files
@@ -248,7 +290,30 @@ def _write_raw(path, header, data):
     pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
-def _edit(path, edit_doc=None, edit_header=None, edit_data=None):
+def _canonical(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _resign(header, data):
+    """Recompute the digests after an edit, as a hostile writer who knows the format would."""
+    try:
+        doc = json.loads(header["__metadata__"]["arrayquant"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if not isinstance(doc, dict) or not isinstance(doc.get("digests"), dict):
+        return
+    body = {k: doc[k] for k in ("version", "leaves", "tree") if k in doc}
+    doc["digests"]["metadata"] = digest(np.frombuffer(_canonical(body).encode(), np.uint8))
+    doc["digests"]["tensors"] = {
+        name: digest(np.frombuffer(data[e["data_offsets"][0] : e["data_offsets"][1]], np.uint8))
+        for name, e in header.items() if name != "__metadata__"
+    }
+    header["__metadata__"]["arrayquant"] = json.dumps(doc)
+
+
+def _edit(path, edit_doc=None, edit_header=None, edit_data=None, resign=True):
+    """Edit a checkpoint's metadata, header or data; by default re-sign the digests, so
+    that the edit itself (not the digest check) is what load() has to catch."""
     header, data = _read_raw(path)
     if edit_doc is not None:
         doc = json.loads(header["__metadata__"]["arrayquant"])
@@ -260,6 +325,8 @@ def _edit(path, edit_doc=None, edit_header=None, edit_data=None):
         data = bytearray(data)
         edit_data(header, data)
         data = bytes(data)
+    if resign:
+        _resign(header, data)
     _write_raw(path, header, data)
 
 
@@ -289,7 +356,7 @@ def good(tmp_path):
     i4 = aq.QArray(w4.codes, w4.scale, None, "int4", w4.shape, "float32", w4.block_shape, None)
     f = tmp_path / "good.safetensors"
     aq.save(f, {"w8": w8, "w4": w4, "u4": u4, "i4": i4, "bias": _f32(6),
-                "nested": [np.zeros(2)]})
+                "nested": [np.zeros(2)], "flags": np.array([True, False])})
     return f
 
 
@@ -297,10 +364,10 @@ CORRUPTIONS = {
     "bad JSON": (dict(edit_header=_set_meta("arrayquant", "{not json")), "not valid JSON"),
     "not an object": (dict(edit_header=_set_meta("arrayquant", "[1, 2]")), "JSON object"),
     "newer version": (dict(edit_doc=lambda d: d.update(version=FORMAT_VERSION + 1)),
-                      "format version 2; this arrayquant reads version 1"),
+                      "format version 3; this arrayquant reads versions 1, 2"),
     "bad version": (dict(edit_doc=lambda d: d.update(version="1")), "'version' must be"),
     "leaves not a list": (dict(edit_doc=lambda d: d.update(leaves={})), "'leaves' must be"),
-    "leaf not an object": (dict(edit_doc=lambda d: d["leaves"].append(3)), "leaf #6"),
+    "leaf not an object": (dict(edit_doc=lambda d: d["leaves"].append(3)), "leaf #7"),
     "unknown kind": (dict(edit_doc=lambda d: _leaf(d, "bias").update(kind="pickle")),
                      "'kind' must be"),
     "unknown qtype": (dict(edit_doc=lambda d: _leaf(d, "w8").update(qtype="int3")),
@@ -331,22 +398,40 @@ CORRUPTIONS = {
                    "tensor 'w8:data' has dtype uint8, expected int8"),
     "scale dtype": (dict(edit_header=lambda h: h["w8:scale"].update(dtype="I32")),
                     "tensor 'w8:scale' has dtype int32, expected float16 or"),
-    "missing tensor": (dict(edit_doc=lambda d: _leaf(d, "u4").update(zero_point="gone")),
-                       "tensor 'gone' is missing"),
+    "missing tensor": (dict(edit_header=lambda h: h.update(gone=h.pop("u4:zero_point"))),
+                       "tensor 'u4:zero_point' is missing"),
     "tensor name not str": (dict(edit_doc=lambda d: _leaf(d, "u4").update(scale=7)),
-                            "field 'scale' must be a tensor name"),
+                            "field 'scale' must name the tensor 'u4:scale', got 7"),
+    "tensor not named by path": (dict(edit_doc=lambda d: _leaf(d, "u4").update(scale="w8:scale")),
+                                 "field 'scale' must name the tensor 'u4:scale'"),
     "unreferenced tensor": (dict(edit_doc=lambda d: d["leaves"].remove(_leaf(d, "bias"))),
                             "tensor 'bias' is not described"),
     "tensor used twice": (dict(edit_doc=lambda d: _leaf(d, "nested/0").update(tensor="bias")),
-                          "tensor 'bias' is used by both"),
-    "duplicate path": (dict(edit_doc=lambda d: _leaf(d, "u4").update(path="w8")),
-                       "two leaves have the path 'w8'"),
+                          "field 'tensor' must be the leaf's path 'nested/0', got 'bias'"),
+    "duplicate path": (dict(edit_doc=lambda d: d["leaves"].append(dict(_leaf(d, "bias")))),
+                       "two leaves have the path 'bias'"),
+    "unknown leaf field": (dict(edit_doc=lambda d: _leaf(d, "w8").update(note="hi")),
+                           "unknown: 'note'"),
+    "missing leaf field": (dict(edit_doc=lambda d: _leaf(d, "w8").pop("packed_axis")),
+                           "missing: 'packed_axis'"),
+    "unknown doc field": (dict(edit_doc=lambda d: d.update(extra=1)), "unknown: 'extra'"),
+    "unsigned without zero point": (dict(edit_doc=lambda d: _leaf(d, "u4").update(
+                                        zero_point=None)),
+                                    "uint4 is unsigned, so it needs a zero point"),
     "tree bad node": (dict(edit_doc=lambda d: d.update(tree={"type": "set", "items": []})),
-                      "tree node must have a 'type'"),
+                      "whose 'type' is one of"),
     "tree unknown leaf": (dict(edit_doc=lambda d: d["tree"]["items"][0][1].update(path="zz")),
                           "refers to leaf 'zz'"),
-    "tree leaf twice": (dict(edit_doc=lambda d: d["tree"]["items"][1][1].update(path="w8")),
-                        "refers to leaf 'w8' twice"),
+    "tree leaf elsewhere": (dict(edit_doc=lambda d: d["tree"]["items"][1][1].update(path="w8")),
+                            "tree leaf at 'w4' refers to leaf 'w8'"),
+    "tree duplicate key": (dict(edit_doc=lambda d: d["tree"]["items"].__setitem__(
+                               1, ["w8", {"type": "leaf", "path": "w8"}])),
+                           "the dict at 'the root' has the key 'w8' twice"),
+    "tree path not a string": (dict(edit_doc=lambda d: d["tree"]["items"][0][1].update(
+                                   path=["w8"])),
+                               "'path' must be a string, got \\['w8'\\]"),
+    "tree node field": (dict(edit_doc=lambda d: d["tree"]["items"][0][1].update(x=1)),
+                        "unknown: 'x'"),
     "tree leaf missing": (dict(edit_doc=lambda d: d["tree"]["items"].pop(0)),
                           "leaf 'w8' is missing from the 'tree'"),
     "symmetric -128": (dict(edit_data=_set_bytes("w8:data", 5, -128, np.int8)),
@@ -360,11 +445,33 @@ CORRUPTIONS = {
     "zero point range": (dict(edit_data=_set_bytes("u4:zero_point", 1, 16, np.uint8)),
                          r"zero points outside \[0, 15\]"),
     "NaN scale": (dict(edit_data=_set_bytes("w8:scale", 2, np.nan, np.float32)),
-                  "scales must be finite and positive"),
+                  r"scales outside \[4.70198e-38, 8.50706e\+37\]"),
     "negative scale": (dict(edit_data=_set_bytes("u4:scale", 0, -1.0, np.float32)),
-                       "finite and positive"),
+                       "scales outside"),
     "zero scale": (dict(edit_data=_set_bytes("w4:scale", 1, 0.0, np.float32)),
-                   "finite and positive"),
+                   "scales outside"),
+    "scale above the cap": (dict(edit_data=_set_bytes("w8:scale", 1, 3e38, np.float32)),
+                            r"scales outside .*for float32 scales of float32 values"),
+    "subnormal scale": (dict(edit_data=_set_bytes("w8:scale", 1, 1e-40, np.float32)),
+                        "scales outside"),
+    "bool byte 2": (dict(edit_data=_set_bytes("flags", 1, 2, np.uint8)),
+                    "'flags' is boolean but holds bytes other than 0 and 1"),
+    "NaN literal": (dict(edit_header=lambda h: h["__metadata__"].update(
+                        arrayquant=h["__metadata__"]["arrayquant"].replace(
+                            '"version":2', '"version":NaN')), resign=False),
+                    "NaN is not a JSON number"),
+    "JSON duplicate key": (dict(edit_header=lambda h: h["__metadata__"].update(
+                               arrayquant=h["__metadata__"]["arrayquant"].replace(
+                                   '"version":2', '"version":2,"version":2')), resign=False),
+                           "the key 'version' appears twice"),
+    "deep nesting": (dict(edit_header=lambda h: h["__metadata__"].update(
+                         arrayquant='{"version": 2, "x": ' + "[" * 1000 + "]" * 1000 + "}"),
+                     resign=False),
+                     "nested 1001 levels deep; arrayquant reads at most 302"),
+    "version 1 with digests": (dict(edit_doc=lambda d: d.update(version=1)),
+                               "unknown: 'digests'"),
+    "version 2 without digests": (dict(edit_doc=lambda d: d.pop("digests")),
+                                  "missing: 'digests'"),
 }
 
 
@@ -382,12 +489,13 @@ def test_load_rejects_corrupted_files(good, case):
     ("make", "match"),
     [
         (lambda raw: raw[:-3], "not a valid safetensors file"),  # truncated data
-        (lambda raw: raw[:40], "not a valid safetensors file"),  # truncated header
-        (lambda raw: b"", "not a valid safetensors file"),
-        (lambda raw: b"\x00" * 7, "not a valid safetensors file"),
-        (lambda raw: struct.pack("<Q", 1 << 62) + raw[8:], "not a valid safetensors file"),
-        (lambda raw: os.urandom(64), "not a valid safetensors file"),
-        (lambda raw: raw[:8] + b"[" + raw[9:], "not a valid safetensors file"),
+        (lambda raw: raw[:40], "header length field says .* the file holds only 32"),
+        (lambda raw: b"", "0 bytes is too short for a safetensors file"),
+        (lambda raw: b"\x00" * 7, "7 bytes is too short"),
+        (lambda raw: struct.pack("<Q", 1 << 62) + raw[8:], "header length field says"),
+        (lambda raw: struct.pack("<Q", 8) + b'{"a":1} ', "not a valid safetensors file"),
+        (lambda raw: os.urandom(64), "header length field says|not valid JSON"),
+        (lambda raw: raw[:8] + b"[" + raw[9:], "safetensors header is not valid JSON"),
     ],
 )
 def test_load_rejects_broken_containers(good, make, match):
@@ -457,7 +565,9 @@ def test_quantize_checkpoint_matches_quantize_tree(tmp_path, fmt):
     assert sorted(report.rows, key=lambda r: r.path) == sorted(ref.rows, key=lambda r: r.path)
     assert report.n_quantized == 3 and report.n_skipped == 3
     info = aq.checkpoint_info(tmp_path / "out.safetensors")
-    assert info.file_size < sum(a.nbytes for a in t.values())
+    (header_len,) = struct.unpack("<Q", (tmp_path / "out.safetensors").read_bytes()[:8])
+    assert info.file_size == 8 + header_len + sum(leaf.nbytes for leaf in info.leaves)
+    assert sum(leaf.nbytes for leaf in info.leaves) < sum(a.nbytes for a in t.values())
 
 
 def test_quantize_checkpoint_bfloat16_input(tmp_path):

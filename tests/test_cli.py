@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -141,8 +144,12 @@ def test_quantize_verbose_npz_and_progress(capsys, ckpt, tmp_path):
         (lambda p, o: [str(p), "-o", o, "--axis", "2"],
          "cannot quantize 'embeddings.word_embeddings.weight' of shape (50, 32)"),
         (lambda p, o: [str(p), "-o", str(p.parent / "no" / "dir" / "q.safetensors")],
-         "No such file or directory"),
+         "dir: no such folder; create it first"),
         (lambda p, o: [str(p), "-o", str(p)], "is the input"),
+        (lambda p, o: [str(p), "-o", ""], "the output path is empty"),
+        (lambda p, o: [str(p), "-o", str(p.parent)], "is a folder; the output must be a file"),
+        (lambda p, o: [str(p.parent), "-o", o],
+         "is a folder, expected a checkpoint file (.safetensors or .npz)"),
     ],
 )
 def test_quantize_bad_input_exits_one(capsys, ckpt, tmp_path, make_args, fragment):
@@ -153,11 +160,37 @@ def test_quantize_bad_input_exits_one(capsys, ckpt, tmp_path, make_args, fragmen
     assert not (tmp_path / "q.safetensors").exists()
 
 
+def test_quantize_refuses_symlink_and_read_only_outputs(capsys, ckpt, tmp_path):
+    path, _ = ckpt
+    target = tmp_path / "real.safetensors"
+    target.write_bytes(b"keep")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    code, _, err = run(capsys, "quantize", str(path), "-o", str(link), "--no-progress")
+    assert_one_line_error(code, err, f"{link}: is a symbolic link to {target}")
+    assert link.is_symlink() and target.read_bytes() == b"keep"
+    target.chmod(0o444)
+    code, _, err = run(capsys, "quantize", str(path), "-o", str(target), "--no-progress")
+    assert_one_line_error(code, err, f"{target}: is read-only (mode 0444)")
+    assert target.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.safetensors", "model.safetensors", "real.safetensors"]
+
+
+def test_quantize_keeps_the_outputs_mode(capsys, ckpt, tmp_path):
+    path, _ = ckpt
+    out = tmp_path / "q.safetensors"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    assert cli.main(["quantize", str(path), "-o", str(out), "--no-progress"]) == 0
+    assert out.stat().st_mode & 0o777 == 0o640 and aq.load(out)
+
+
 def test_quantize_malformed_input(capsys, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     code, _, err = run(capsys, "quantize", str(bad), "-o", str(tmp_path / "q.safetensors"))
-    assert_one_line_error(code, err, "not a valid safetensors file")
+    assert_one_line_error(code, err, "the safetensors header is not valid JSON")
 
 
 # ---------------------------------------------------------------- inspect
@@ -171,7 +204,8 @@ def test_inspect_quantized_plain_and_npz(capsys, ckpt, tmp_path):
     capsys.readouterr()
     code, stdout, _ = run(capsys, "inspect", str(out), "--verify")
     assert code == 0
-    assert "arrayquant checkpoint (format version 1)" in stdout
+    assert "arrayquant checkpoint (format version 2)" in stdout
+    assert "integrity:   sha256 digest of every tensor and of the metadata" in stdout
     assert "int4 per-group(16, axis=1) sym packed(axis=1)" in stdout
     assert "quantized:   3 of 5 leaves (int4)" in stdout and "verified" in stdout
     code, stdout, _ = run(capsys, "inspect", str(path), "--limit", "2")
@@ -194,10 +228,95 @@ def test_inspect_bad_files_exit_one(capsys, tmp_path):
     code, stdout, _ = run(capsys, "inspect", str(f))  # the header alone is fine
     assert code == 0 and "int8 per-tensor sym" in stdout
     code, _, err = run(capsys, "inspect", str(f), "--verify")
-    assert_one_line_error(code, err, r"codes outside [-127, 127]")
+    assert_one_line_error(code, err, "tensor 'w:data' does not match its digest")
     f.write_bytes(f.read_bytes()[:-5])
     code, _, err = run(capsys, "inspect", str(f))
     assert_one_line_error(code, err, "not a valid safetensors file")
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: d, "is a folder, expected a checkpoint file (.safetensors or .npz)"),
+        (lambda d: "/dev/null", "/dev/null: is not a regular file (a character device)"),
+    ],
+)
+def test_inspect_special_inputs(capsys, tmp_path, make, fragment):
+    if not os.path.exists(make(tmp_path)):
+        pytest.skip("no /dev/null")
+    code, _, err = run(capsys, "inspect", str(make(tmp_path)))
+    assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_fifo_input_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "in.safetensors"
+    os.mkfifo(fifo)  # opening it would block: a subprocess with a timeout, never a hang
+    for argv in (["inspect", str(fifo)], ["quantize", str(fifo), "-o", str(tmp_path / "q")]):
+        r = subprocess.run([sys.executable, "-m", "arrayquant.cli", *argv], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1
+        assert r.stderr.strip() == (f"arrayquant: error: {fifo}: is not a regular file (a FIFO); "
+                                    "expected a checkpoint file (.safetensors or .npz)")
+
+
+# ---------------------------------------------------------------- internal errors
+
+
+def test_internal_error_is_one_line(capsys, monkeypatch):
+    from arrayquant import demo
+
+    def bug(**kwargs):
+        raise RuntimeError("invariant\n  broken")
+
+    monkeypatch.setattr(demo, "run", bug)
+    monkeypatch.delenv("ARRAYQUANT_TRACEBACK", raising=False)
+    code, out, err = run(capsys, "demo")
+    assert code == 1 and out == ""
+    assert err == ("arrayquant: internal error: RuntimeError: invariant broken (set "
+                   "ARRAYQUANT_TRACEBACK=1 to see the traceback)\n")
+    monkeypatch.setenv("ARRAYQUANT_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="invariant"):
+        cli.main(["demo"])
+
+
+# ---------------------------------------------------------------- signals
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("existing", [False, True])
+def test_sigterm_during_quantize_leaves_no_temporary(ckpt, tmp_path, existing):
+    path, _ = ckpt
+    out = tmp_path / "q.safetensors"
+    if existing:
+        out.write_bytes(b"old")
+    slow_cli = (
+        "import sys, time\n"
+        "import arrayquant.checkpoint as c\n"
+        "from arrayquant import cli\n"
+        "def slow(*args):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "c._quantize_leaf = slow\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", slow_cli, "quantize", str(path), "-o", str(out),
+                           "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as p:
+        try:
+            ready, _, _ = select.select([p.stdout], [], [], 60)
+            line = p.stdout.readline() if ready else ""
+            assert line == "ready\n", (line, p.stderr.read() if p.poll() is not None else "")
+            assert any(".arrayquant-tmp." in f.name for f in tmp_path.iterdir())
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=60) == -signal.SIGTERM
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert sorted(f.name for f in tmp_path.iterdir()) == (
+        ["model.safetensors", "q.safetensors"] if existing else ["model.safetensors"])
+    if existing:
+        assert out.read_bytes() == b"old"
 
 
 # ---------------------------------------------------------------- demo
