@@ -284,13 +284,51 @@ def test_folder_without_write_permission(tmp_path, monkeypatch):
             pytest.fail("the body must not run")
 
 
-@pytest.mark.skipif(as_root or os.name != "posix", reason="root can write anywhere")
-def test_folder_without_write_permission_for_real(tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir(mode=0o555)
-    with pytest.raises(PermissionError, match="ro: permission denied: cannot create"):
-        with atomic_path(folder / "m.safetensors"):
-            pytest.fail("the body must not run")
+def _unprivileged(check) -> None:
+    """Run ``check(folder)`` in a folder of its own; as root, in a forked child that has
+    dropped to the user ``nobody`` (root may read and write anything)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    try:
+        if not as_root:
+            check(folder)
+            return
+        os.chmod(folder, 0o777)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            os.close(read)
+            status, message = 0, b""
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                check(folder)
+            except BaseException as e:  # report anything, including a failed assert
+                status, message = 1, f"{type(e).__name__}: {e}".encode()
+            os.write(write, message)
+            os._exit(status)
+        os.close(write)
+        _, wait_status = os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as f:
+            message = f.read().decode()
+        assert os.waitstatus_to_exitcode(wait_status) == 0, message
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@posix_only
+def test_folder_without_write_permission_for_real():
+    def check(tmp):
+        folder = os.path.join(tmp, "ro")
+        os.mkdir(folder, 0o555)
+        with pytest.raises(PermissionError, match="ro: permission denied: cannot create"):
+            with atomic_path(os.path.join(folder, "m.safetensors")):
+                raise AssertionError("the body must not run")
+
+    _unprivileged(check)
 
 
 # ---------------------------------------------------------------- inputs
@@ -327,10 +365,14 @@ def test_check_input_file_refuses_special_files(tmp_path):
             check_input_file("/dev/null")
 
 
-@pytest.mark.skipif(as_root or os.name != "posix", reason="root can read anything")
-def test_check_input_file_unreadable_for_real(tmp_path):
-    f = tmp_path / "m.safetensors"
-    f.write_bytes(b"x")
-    f.chmod(0)
-    with pytest.raises(PermissionError, match="not readable"):
-        check_input_file(f)
+@posix_only
+def test_check_input_file_unreadable_for_real():
+    def check(tmp):
+        f = os.path.join(tmp, "m.safetensors")
+        with open(f, "wb") as fh:
+            fh.write(b"x")
+        os.chmod(f, 0)
+        with pytest.raises(PermissionError, match="not readable"):
+            check_input_file(f)
+
+    _unprivileged(check)
