@@ -62,6 +62,12 @@ def assert_tree_equal(a, b):
         assert_leaf_equal(a, b)
 
 
+def _nested(depth, leaf):
+    for _ in range(depth):
+        leaf = {"k": leaf}
+    return leaf
+
+
 def _tree():
     return {
         "encoder": {
@@ -210,6 +216,17 @@ def test_jax_arrays_and_generic_pytrees(tmp_path):
         ({"a/b": np.zeros(1), "a": {"b": np.zeros(1)}}, ValueError, "share the path 'a/b'"),
         ({"w": aq.quantize(np.ones((2, 2), np.float32)), "w:data": np.zeros(1)}, ValueError,
          "tensor name 'w:data'"),
+        # What load() would reject is never written (issue 9, item 3).
+        ({"w": aq.QArray(np.zeros((2, 2), np.int8), np.zeros((1, 1), np.float32), None, "int8",
+                         (2, 2), "float32", (2, 2))}, ValueError,
+         r"cannot save 'w': scales outside \[4.70198e-38, 8.50706e\+37\].*load\(\) would reject"),
+        ({"w": aq.QArray(np.full((2, 2), -128, np.int8), np.ones((1, 1), np.float32), None,
+                         "int8", (2, 2), "float32", (2, 2))}, ValueError,
+         r"codes outside \[-127, 127\] .* for int8 symmetric"),
+        ({"w": aq.QArray(np.zeros((2, 2), np.uint8), np.ones((1, 1), np.float16),
+                         np.full((1, 1), 200, np.uint8), "uint4", (2, 2), "float32", (2, 2))},
+         ValueError, r"zero points outside \[0, 15\]"),
+        ({"a": _nested(101, np.zeros(1))}, ValueError, "nested more than 100 levels deep"),
     ],
 )
 def test_save_errors(tmp_path, tree, error, match):
@@ -528,6 +545,92 @@ def test_checkpoint_info_reads_headers_only(good):
     _edit(good, edit_data=_set_bytes("w8:scale", 0, np.nan, np.float32))
     aq.checkpoint_info(good)
     with pytest.raises(CheckpointError):
+        aq.load(good)
+
+
+def test_the_deepest_tree_save_writes_loads(tmp_path):
+    f = tmp_path / "deep.safetensors"
+    tree = {"a": _nested(99, np.arange(3))}  # the leaf sits at depth 100
+    aq.save(f, tree)
+    assert_tree_equal(tree, aq.load(f))
+
+
+def _two_leaves_one_key(doc):
+    """Issue 9 (1): a dict node with two items named "k" pointing at leaves a and b."""
+    doc["tree"] = {"type": "dict", "items": [["k", {"type": "leaf", "path": "a"}],
+                                             ["k", {"type": "leaf", "path": "b"}]]}
+
+
+@pytest.mark.parametrize("resign", [True, False])
+def test_a_repeated_dict_key_never_drops_a_leaf(tmp_path, capsys, resign):
+    f = tmp_path / "m.safetensors"
+    aq.save(f, {"a": np.zeros(2), "b": {"c": np.ones(2)}})
+    _edit(f, edit_doc=lambda d: (_two_leaves_one_key(d), _leaf(d, "b/c").update(
+        path="b", tensor="b")), edit_header=lambda h: h.update(b=h.pop("b/c")), resign=resign)
+    # Re-signed, the structure check catches it; left unsigned, the metadata digest does.
+    match = "tree leaf at 'k' refers to leaf 'a'" if resign else "does not match its digest"
+    for read in (aq.load, aq.checkpoint_info):
+        with pytest.raises(CheckpointError, match=match):
+            read(f)
+    from arrayquant import cli
+
+    assert cli.main(["inspect", str(f), "--verify"]) == 1
+    assert "verified" not in capsys.readouterr().out
+
+
+def test_a_repeated_dict_key_in_a_version_1_file(tmp_path):
+    """Version-1 files have no digests: the structure check alone must catch it."""
+    f = tmp_path / "v1.safetensors"
+    f.write_bytes((pathlib.Path(__file__).parent / "data" / "checkpoint_v1.safetensors")
+                  .read_bytes())
+    _edit(f, edit_doc=lambda d: d["tree"]["items"][0][1]["items"].__setitem__(
+        1, ["w", {"type": "leaf", "path": "layer/w8"}]))
+    with pytest.raises(CheckpointError, match="has the key 'w' twice"):
+        aq.load(f)
+
+
+def test_version_1_files_still_load_bit_exactly():
+    """tests/data/checkpoint_v1.safetensors was written by the format-1 writer (commit
+    b5edc57) from exactly this tree; it must keep loading as the same values."""
+    rng = np.random.default_rng(1)
+    expected = {
+        "layer": {
+            "w": aq.quantize(rng.standard_normal((4, 10)).astype(np.float32), "int4",
+                             group_size=4),
+            "w8": aq.quantize(rng.standard_normal((3, 5)).astype(np.float32), "int8", True,
+                              axis=0),
+            "b": np.arange(3, dtype=np.float32),
+        },
+        "mask": np.array([True, False]),
+        "items": [np.float16(1.5) * np.ones(2, np.float16), None],
+    }
+    f = pathlib.Path(__file__).parent / "data" / "checkpoint_v1.safetensors"
+    assert aq.checkpoint_info(f).version == 1 and aq.checkpoint_info(f).integrity is None
+    assert_tree_equal(expected, aq.load(f))
+
+
+def test_digests_catch_damaged_bytes_and_verify_false_skips_them(good):
+    before = aq.load(good)
+    assert aq.checkpoint_info(good).integrity == "sha256"
+    _edit(good, edit_data=_set_bytes("bias", 2, 7.0, np.float32), resign=False)
+    with pytest.raises(CheckpointError, match="tensor 'bias' does not match its digest"):
+        aq.load(good)
+    changed = aq.load(good, verify=False)  # what a damaged version-1 file would give
+    assert changed["bias"][2] == 7.0 and before["bias"][2] != 7.0
+    _edit(good, edit_doc=lambda d: _leaf(d, "u4").update(block_shape=[1, 8]), resign=False)
+    for read in (aq.load, aq.checkpoint_info):
+        with pytest.raises(CheckpointError, match="the metadata does not match its digest"):
+            read(good)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["__metadata__"].update(arrayquantx=h["__metadata__"].pop("arrayquant")),
+    lambda h: h["__metadata__"].update(format="arrayquanu"),
+    lambda h: h["__metadata__"].update(formau=h["__metadata__"].pop("format")),
+])
+def test_one_damaged_mark_never_turns_a_checkpoint_into_a_plain_file(good, edit):
+    _edit(good, edit_header=edit, resign=False)
+    with pytest.raises(CheckpointError, match="changed or damaged"):
         aq.load(good)
 
 
