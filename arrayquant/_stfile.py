@@ -169,6 +169,7 @@ class StreamWriter:
         self._order = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
         self._digests = {name: DIGEST_PREFIX + "0" * 64 for name, _, _ in self._order}
         self._next = 0
+        self._threads = None
         self._header_len = None
         self._write_header()
 
@@ -201,12 +202,26 @@ class StreamWriter:
                 f"the header's {exp_name!r} {exp_dtype}{list(exp_shape)}"
             )
         raw = _raw_bytes(a)
-        self._digests[name] = DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
-        self._fh.write(raw)
+        if len(raw) < 1 << 20:
+            self._digests[name] = DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
+            self._fh.write(raw)
+        else:  # hashlib and the write both release the GIL: take the digest meanwhile
+            hashed = self._pool().submit(hashlib.sha256, raw)
+            self._fh.write(raw)
+            self._digests[name] = DIGEST_PREFIX + hashed.result().hexdigest()
         self._next += 1
+
+    def _pool(self):
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._threads = ThreadPoolExecutor(1)
+        return self._threads
 
     def close(self) -> None:
         """Fill in the digests and flush; the caller's atomic rename makes the file visible."""
+        if self._threads is not None:
+            self._threads.shutdown()
         if self._next != len(self._order):
             raise RuntimeError("internal error: not every tensor was written")
         self._fh.seek(0)

@@ -32,6 +32,7 @@ is read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import re
 import zipfile
@@ -707,17 +708,44 @@ def checkpoint_info(path) -> CheckpointInfo:
 # --------------------------------------------------------------------------- loading
 
 
-def _read(file, f, name: str, expected_digest: str | None = None) -> np.ndarray:
-    """One tensor, its digest checked (when given) and booleans checked to be 0 or 1."""
+def _read(file, f, name: str) -> np.ndarray:
     from safetensors import SafetensorError
 
     try:
-        a = f.get_tensor(name)
+        return f.get_tensor(name)
     except (SafetensorError, TypeError, ValueError) as e:
         _raise(file, f"cannot read tensor {name!r} ({e})")
-    if expected_digest is not None and digest(a) != expected_digest:
-        _raise(file, f"tensor {name!r} does not match its digest: its bytes were changed or "
-                     "damaged after the file was written")
+
+
+def _read_all(file, names, digests: dict[str, str]) -> dict[str, np.ndarray]:
+    """Every named tensor, each checked against its digest (where given) on a thread pool.
+
+    hashlib releases the GIL, so the digests of earlier tensors are taken while
+    later ones are read. Digests are checked before any value check, so damage is
+    reported as damage.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors import SafetensorError
+
+    out: dict[str, np.ndarray] = {}
+    try:
+        with _safe_open(file) as f, ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            pending = []
+            for name in names:
+                out[name] = _read(file, f, name)
+                if name in digests:
+                    pending.append((name, pool.submit(digest, out[name])))
+            for name, done in pending:
+                if done.result() != digests[name]:
+                    _raise(file, f"tensor {name!r} does not match its digest: its bytes were "
+                                 "changed or damaged after the file was written")
+    except SafetensorError as e:
+        _raise(file, f"not a valid safetensors file ({e})")
+    return out
+
+
+def _load_array(file, name: str, a: np.ndarray) -> np.ndarray:
     if a.dtype == np.bool_ and a.size and a.view(np.uint8).max() > 1:
         _raise(file, f"tensor {name!r} is boolean but holds bytes other than 0 and 1")
     return a
@@ -762,11 +790,7 @@ def _qarray_problem(qtype: str, dtype: str, shape, packed_axis, data: np.ndarray
     )
 
 
-def _load_qarray(file, f, leaf: LeafInfo, digests: dict[str, str]) -> QArray:
-    names = dict(zip(("data", "scale", "zero_point"), leaf.tensors))
-    data, scale = (_read(file, f, names[r], digests.get(names[r])) for r in ("data", "scale"))
-    zp = None if leaf.symmetric else _read(file, f, names["zero_point"],
-                                           digests.get(names["zero_point"]))
+def _load_qarray(file, leaf: LeafInfo, data, scale, zp=None) -> QArray:
     problem = _qarray_problem(leaf.qtype, leaf.dtype, leaf.shape, leaf.packed_axis, data,
                               scale, zp)
     if problem:
@@ -839,7 +863,6 @@ def load(path, *, like=None, verify: bool = True):
             inconsistent or newer-format file, a FIFO or device instead of a file,
             or ``like`` does not fit; the message names the file and the entry.
     """
-    from safetensors import SafetensorError
 
     file = pathlib.Path(path)
     tensors, meta = _header(file)
@@ -848,18 +871,13 @@ def load(path, *, like=None, verify: bool = True):
         _, leaves, skeleton, digests = _parse(file, tensors, meta)
     else:
         leaves, skeleton = _plain_leaves(file, tensors), None
-    digests = digests if verify and digests is not None else {}
+    raw = _read_all(file, [n for leaf in leaves for n in leaf.tensors],
+                    digests if verify and digests is not None else {})
     out: dict[str, Any] = {}
-    try:
-        with _safe_open(file) as f:
-            for leaf in leaves:
-                if leaf.quantized:
-                    out[leaf.path] = _load_qarray(file, f, leaf, digests)
-                else:
-                    name = leaf.tensors[0]
-                    out[leaf.path] = _read(file, f, name, digests.get(name))
-    except SafetensorError as e:
-        _raise(file, f"not a valid safetensors file ({e})")
+    for leaf in leaves:
+        parts = [raw[n] for n in leaf.tensors]
+        out[leaf.path] = (_load_qarray(file, leaf, *parts) if leaf.quantized
+                          else _load_array(file, leaf.tensors[0], *parts))
     if like is not None:
         return _fill(like, out, file)
     return out if skeleton is None else _build(skeleton, out)

@@ -93,13 +93,13 @@ child that only imports Python, NumPy, safetensors and arrayquant.
 
 def _generate(path: Path, n_big: int) -> tuple[int, int]:
     """Write the checkpoint tensor by tensor; returns (file size, largest tensor bytes)."""
-    from arrayquant.checkpoint import _StreamWriter
+    from arrayquant._stfile import StreamWriter
 
     rng = np.random.default_rng(0)
     specs = [(f"layers.{i}.weight", "float32", (N, N)) for i in range(n_big)]
     specs += [(f"layers.{i}.norm", "float32", (N,)) for i in range(n_big)]
     with open(path, "wb") as fh:
-        w = _StreamWriter(fh, specs, {"format": "np"})
+        w = StreamWriter(fh, specs, lambda digests: {"format": "np"})
         for name, _, shape in specs:
             a = rng.standard_normal(shape, dtype=np.float32)
             if name.endswith("weight"):
