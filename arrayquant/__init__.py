@@ -6,9 +6,9 @@
 (dtype('int8'), (2, 1))
 """
 
+from ._backend import scale_limits
 from ._jax import install_hook as _install_jax_hook
 from ._qtypes import QType, as_qtype
-from ._backend import scale_limits
 from .affine import dequantize, dequantize_with, qparams, quantize, quantize_with
 from .checkpoint import (
     CheckpointError,
