@@ -54,6 +54,13 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
+def _can(path, mode: int) -> bool:
+    """``os.access`` with the effective ids (what open() uses) where the platform allows."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, mode, effective_ids=True)
+    return os.access(path, mode)
+
+
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),
                        (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
@@ -91,7 +98,7 @@ def check_input_file(path) -> Path:
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path}: is not a regular file (a {_file_kind(st.st_mode)}); "
                          f"expected {_INPUTS}")
-    if not os.access(path, os.R_OK):
+    if not _can(path, os.R_OK):
         raise PermissionError(f"{path}: permission denied (the file is not readable)")
     return path
 
@@ -127,7 +134,7 @@ def _check_output(path) -> tuple[Path, int | None]:
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path}: is not a regular file (a {_file_kind(st.st_mode)}); "
                          "arrayquant only replaces regular files: choose another output path")
-    if not st.st_mode & 0o222 or not os.access(path, os.W_OK):
+    if not st.st_mode & 0o222 or not _can(path, os.W_OK):
         raise PermissionError(f"{path}: is read-only (mode {stat.S_IMODE(st.st_mode):04o}); "
                               "make it writable (chmod u+w) or choose another output path")
     return path, stat.S_IMODE(st.st_mode) & 0o777
@@ -208,27 +215,38 @@ def _restore_handlers(installed: dict[int, object]) -> None:
 
 
 def _settle(tmp: Path, mode: int) -> None:
-    """Give the temporary its final permission bits and flush it to disk."""
+    """Give the temporary its final permission bits and flush it to disk.
+
+    The mode is best effort: file systems without Unix permissions (vfat, exFAT,
+    some network and FUSE mounts) refuse ``fchmod``, and a write must not fail there.
+    """
     fd = os.open(tmp, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode)
+            try:
+                os.fchmod(fd, mode)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (the rename) to disk, where folders can be opened."""
+    """Flush a folder's entries (the rename) to disk, where folders can be opened.
+
+    Best effort: it runs after the rename, when the new file is already in place, so
+    a failure here must not be reported as a failed write.
+    """
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # Windows
         return
     try:
         os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it
-            raise
+    except OSError:  # a file system without it (EINVAL), or an I/O error after the fact
+        pass
     finally:
         os.close(fd)
 
@@ -266,16 +284,21 @@ def atomic_path(path, suffix: str = ""):
         os.close(fd)  # Windows cannot rename an open file
         fd = None
     else:
-        with contextlib.suppress(OSError):  # no locks on this file system: no cleanup either
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    installed = _install_handlers()
+        # Blocking: another writer's stale-file check may hold the lock for a moment (it
+        # leaves an empty, fresh temporary alone). No locks on this file system: no cleanup.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    installed: dict[int, object] = {}
     try:
+        installed.update(_install_handlers())
         yield tmp
         _settle(tmp, mode)
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
+        for sig in installed:  # a second signal must not interrupt the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, _Terminated) and installed:
             _restore_handlers(installed)

@@ -39,7 +39,11 @@ def _view(x: np.ndarray, b: Blocking) -> np.ndarray:
 
 
 def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params):
-    """Scales, zero points and codes; ``params(rmin, rmax)`` -> (s, z float, z stored)."""
+    """Scales, zero points and codes; ``params(rmin, rmax)`` -> (s, z float, z stored).
+
+    ``params`` is the generic path's own function (clipping, rounding the scale
+    up to ``sdt``, the eager check against the scale cap), called per slab.
+    """
     cdt = np.float64 if x.dtype == np.float64 else np.float32
     v = _view(np.asarray(x), b)
     if v.ndim == 0:

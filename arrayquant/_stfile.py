@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
-import sys
 from typing import Any
 
 import ml_dtypes
@@ -58,12 +56,15 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def little_endian(a: np.ndarray) -> np.ndarray:
+    """``a`` C-contiguous with little-endian items (safetensors' byte order), same values."""
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<"), copy=False) if a.dtype.itemsize > 1 else a
+
+
 def _raw_bytes(a: np.ndarray) -> memoryview:
-    """The little-endian C-order bytes safetensors stores for ``a``."""
-    a = np.ascontiguousarray(a).reshape(-1)
-    if sys.byteorder != "little" and a.dtype.itemsize > 1:
-        a = a.byteswap()
-    return memoryview(a.view(np.uint8))
+    """The bytes safetensors stores for ``a``: little-endian items in C order."""
+    return memoryview(little_endian(a).reshape(-1).view(np.uint8))
 
 
 def digest(a: np.ndarray) -> str:
@@ -78,18 +79,16 @@ def canonical_json(obj) -> str:
 
 # --------------------------------------------------------------------------- strict JSON
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
-def _max_depth(text: bytes) -> int:
-    """Deepest nesting of ``[``/``{`` outside strings (0 for a scalar document)."""
-    bare = np.frombuffer(_STRING.sub(b"", text), dtype=np.uint8)
-    if bare.size == 0:
-        return 0
-    step = np.zeros(bare.shape, np.int64)
-    step[(bare == ord("[")) | (bare == ord("{"))] = 1
-    step[(bare == ord("]")) | (bare == ord("}"))] = -1
-    return int(np.cumsum(step).max(initial=0))
+def _depth(doc) -> int:
+    """Deepest nesting of lists and objects in a parsed document (0 for a scalar), iteratively."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (node.values() if isinstance(node, dict)
+                                                  else node))
+    return deepest
 
 
 def _no_duplicates(pairs):
@@ -105,17 +104,30 @@ def _no_constants(name):
     raise ValueError(f"{name} is not a JSON number (NaN and Infinity are not accepted)")
 
 
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"the number {text[:40]} overflows to {v}")
+    return v
+
+
 def strict_json(text: str | bytes, what: str, file, max_depth: int):
-    """Parse JSON refusing duplicate keys, NaN/Infinity and nesting deeper than ``max_depth``."""
-    raw = text.encode() if isinstance(text, str) else text
-    depth = _max_depth(raw)
+    """Parse JSON refusing duplicate keys, NaN/Infinity, numbers that overflow and nesting
+    deeper than ``max_depth``. Parsing and the depth count both take time linear in the
+    text; nesting beyond Python's recursion limit stops the parser with RecursionError."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                         parse_float=_finite_float)
+    except RecursionError:
+        raise CheckpointError(f"{file}: the {what} is nested too deeply; arrayquant reads at "
+                              f"most {max_depth} levels") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError too
+        raise CheckpointError(f"{file}: the {what} is not valid JSON ({e})") from None
+    depth = _depth(doc)
     if depth > max_depth:
         raise CheckpointError(f"{file}: the {what} is nested {depth} levels deep; arrayquant "
                               f"reads at most {max_depth}")
-    try:
-        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
-        raise CheckpointError(f"{file}: the {what} is not valid JSON ({e})") from None
+    return doc
 
 
 def read_raw_header(file) -> dict[str, Any]:
@@ -145,6 +157,12 @@ def read_raw_header(file) -> dict[str, Any]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{file}: the safetensors '__metadata__' must map strings to "
                               "strings")
+    for name, entry in header.items():
+        if name != "__metadata__" and not (
+                isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}):
+            raise CheckpointError(f"{file}: the safetensors entry of tensor {name!r} must hold "
+                                  f"exactly 'dtype', 'shape' and 'data_offsets'; got "
+                                  f"{canonical_json(entry)[:120]}")
     return header
 
 

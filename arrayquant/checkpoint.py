@@ -91,7 +91,7 @@ _READ_VERSIONS = (1, 2)
 #: The deepest tree :func:`save` writes and :func:`load` reads (the root is depth 0).
 MAX_TREE_DEPTH = 100
 # Each tree level nests three JSON levels (node, items, [key, node]) below the document.
-_MAX_JSON_DEPTH = 3 * MAX_TREE_DEPTH + 2
+_MAX_JSON_DEPTH = 3 * MAX_TREE_DEPTH + 3
 _META_KEY = "arrayquant"
 # Version 2 marks its files twice (``format`` and the document's own key), so that
 # one damaged byte in either key cannot make a checkpoint read as a plain file.
@@ -217,14 +217,40 @@ def _describe(tree) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:
     return leaves, skeleton
 
 
-def _body_digest(body: dict[str, Any]) -> str:
-    return digest(np.frombuffer(canonical_json(body).encode(), np.uint8))
+def _body_digest(body: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """SHA-256 of the document's body and of every tensor's safetensors dtype and shape.
+
+    The dtypes and shapes live in the safetensors header, outside the document:
+    covering them here means one damaged byte there (``F32`` -> ``I32``) cannot
+    load as other values with every digest matching.
+    """
+    listing = {name: [code, list(shape)] for name, (code, shape) in sorted(tensors.items())}
+    text = canonical_json({**body, "tensors": listing})
+    return digest(np.frombuffer(text.encode(), np.uint8))
 
 
-def _metadata(entries: list[dict[str, Any]], skeleton):
-    """``digests -> __metadata__``: the document with the tensors' and its own digests."""
+def _metadata(entries: list[dict[str, Any]], skeleton, specs):
+    """``digests -> __metadata__``: the document with the tensors' and its own digests.
+
+    The document is first checked by the loader's own rules, so that save() never
+    writes a file load() would refuse.
+    """
     body = {"version": FORMAT_VERSION, "leaves": entries, "tree": skeleton}
-    own = _body_digest(body)
+    header = {name: (NAME_TO_ST[dtype], tuple(shape)) for name, dtype, shape in specs}
+    for name in header:
+        if name == "__metadata__":
+            raise ValueError("a tensor cannot be named '__metadata__': safetensors keeps that "
+                             "name for the file's metadata; rename the leaf")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"the tensor name {name!r} cannot be encoded as UTF-8 (a lone "
+                             "surrogate?); rename the leaf") from None
+    try:
+        _parse_body("<the file to write>", body, header)
+    except CheckpointError as e:
+        raise ValueError(f"cannot save: {e}; load() would refuse the file") from None
+    own = _body_digest(body, header)
 
     def with_digests(tensor_digests: dict[str, str]) -> dict[str, str]:
         doc = {**body, "digests": {"metadata": own, "tensors": tensor_digests}}
@@ -300,7 +326,7 @@ def save(path, tree) -> None:
     # Widest items first keeps every tensor aligned to its item size in the file.
     names = sorted(tensors, key=lambda n: -tensors[n].dtype.itemsize)
     specs = [(n, tensors[n].dtype.name, tensors[n].shape) for n in names]
-    _write(path, specs, _metadata(entries, skeleton),
+    _write(path, specs, _metadata(entries, skeleton, specs),
            ((n, tensors[n]) for n in names))
 
 
@@ -576,7 +602,7 @@ def _check_digests(file, doc: dict, tensors) -> dict[str, str]:
             _raise(file, f"{where}: the digest of {name!r} must be 'sha256:' and 64 lowercase "
                          f"hex digits, got {v!r}"[:200])
     body = {k: doc[k] for k in ("version", "leaves", "tree")}
-    if _body_digest(body) != own:
+    if _body_digest(body, tensors) != own:
         _raise(file, "the metadata does not match its digest: the header was changed or "
                      "damaged after it was written")
     if set(per_tensor) != set(tensors):
@@ -611,7 +637,18 @@ def _parse(file, tensors, meta) -> tuple[int, list[LeafInfo], Any, dict[str, str
         _raise(file, f"the safetensors metadata field {_FORMAT_KEY!r} must be {_META_KEY!r} in "
                      f"format version {version}, got {meta.get(_FORMAT_KEY)!r}: the header was "
                      "changed or damaged")
+    expected_meta = {_FORMAT_KEY, _META_KEY} if version >= 2 else {_META_KEY}
+    if set(meta) != expected_meta:
+        _raise(file, f"the safetensors metadata holds the keys {sorted(meta)}; arrayquant writes "
+                     f"exactly {sorted(expected_meta)}")
     digests = _check_digests(file, doc, tensors) if version >= 2 else None
+    leaves, skeleton = _parse_body(file, doc, tensors)
+    return version, leaves, skeleton, digests
+
+
+def _parse_body(file, doc: dict, tensors) -> tuple[list[LeafInfo], Any]:
+    """(leaves, tree skeleton) from the document's 'leaves' and 'tree', checked against the
+    tensors ``{name: (dtype code, shape)}``; save() runs it on what it is about to write."""
     entries = doc.get("leaves")
     if not isinstance(entries, list):
         _raise(file, "metadata field 'leaves' must be a list")
@@ -632,11 +669,16 @@ def _parse(file, tensors, meta) -> tuple[int, list[LeafInfo], Any, dict[str, str
                      + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     skeleton = doc.get("tree")
     if skeleton is not None:
+        if isinstance(skeleton, dict) and skeleton.get("type") == "leaf":
+            _raise(file, "the tree's root is a single leaf; arrayquant saves a dict, list or "
+                         "tuple of leaves")
         seen: set[str] = set()
         _check_skeleton(file, skeleton, (), paths, seen)
         if seen != paths:
             _raise(file, f"leaf {sorted(paths - seen)[0]!r} is missing from the 'tree' structure")
-    return version, leaves, skeleton, digests
+        if skeleton["type"] == "dict" and all(v["type"] == "leaf" for _, v in skeleton["items"]):
+            _raise(file, "a flat dict of leaves is stored with 'tree' null, not as a tree")
+    return leaves, skeleton
 
 
 def _plain_leaves(file, tensors) -> list[LeafInfo]:
@@ -655,7 +697,11 @@ def _npz_headers(file: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     out = {}
     try:
         with zipfile.ZipFile(file) as zf:
-            for member in zf.namelist():
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                twice = sorted(n for n in set(names) if names.count(n) > 1)[0]
+                _raise(file, f"the .npz archive holds {twice!r} twice; one copy would be lost")
+            for member in names:
                 if not member.endswith(".npy"):
                     continue
                 with zf.open(member) as f:
@@ -667,10 +713,11 @@ def _npz_headers(file: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                     _raise(file, f"array {member[:-4]!r} has dtype {dtype}, which arrayquant "
                                  "does not read (no pickled objects)")
                 out[member[:-4]] = (dtype.name, tuple(shape))
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        _raise(file, f"not a valid .npz file ({e})")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001  (zipfile, zlib and NumPy's header parser raise
+        # many kinds: BadZipFile, zlib.error, NotImplementedError, RuntimeError, SyntaxError)
+        _raise(file, f"not a valid .npz file ({type(e).__name__}: {e})")
     return out
 
 
@@ -685,7 +732,8 @@ def checkpoint_info(path) -> CheckpointInfo:
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: ``path`` is missing,
             a folder, or unreadable.
-        CheckpointError: a malformed file, or not a regular file (a FIFO, a device).
+        ValueError: ``path`` is empty, or a FIFO, socket or device (not opened).
+        CheckpointError: a malformed file.
     """
     file = check_input_file(path)
     size = file.stat().st_size
@@ -852,19 +900,20 @@ def load(path, *, like=None, verify: bool = True):
     zero bits after the last packed code; zero points within ``[qmin, qmax]``;
     scales within :func:`scale_limits`; booleans 0 or 1; no tensor left
     unreferenced; and, with ``verify`` (the default), every tensor's SHA-256
-    digest. Hashing costs about 0.6 s per GB on one core (``docs/benchmarks.md``);
+    digest. Hashing costs about 0.7 s per GB on one core (``docs/benchmarks.md``);
     ``verify=False`` skips only that. Version-1 files have no digests: a damaged
     byte in their tensor data loads as a changed value.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: ``path`` is missing,
             a folder, or unreadable.
+        ValueError: ``path`` is empty, or a FIFO, socket or device (not opened).
         CheckpointError: (a ValueError) a malformed, truncated, damaged,
-            inconsistent or newer-format file, a FIFO or device instead of a file,
-            or ``like`` does not fit; the message names the file and the entry.
+            inconsistent or newer-format file, or ``like`` does not fit; the
+            message names the file and the entry.
     """
 
-    file = pathlib.Path(path)
+    file = check_input_file(path)
     tensors, meta = _header(file)
     digests: dict[str, str] | None = None
     if _is_arrayquant(meta):
@@ -922,8 +971,8 @@ class _Source:
         if self.kind == "npz":
             try:
                 return self._handle[name]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                _raise(self.file, f"cannot read array {name!r} ({e})")
+            except Exception as e:  # noqa: BLE001  (as in _npz_headers)
+                _raise(self.file, f"cannot read array {name!r} ({type(e).__name__}: {e})")
         return _read(self.file, self._handle, name)
 
 
@@ -996,7 +1045,7 @@ def quantize_checkpoint(in_path, out_path, rules: Rule | Iterable[Rule], *,
             raise ValueError(f"tensor name {name!r} would be written twice; rename the input "
                              "tensor that clashes with it")
         seen.add(name)
-    metadata = _metadata([entry for *_, entry in plans], None)
+    metadata = _metadata([entry for *_, entry in plans], None, specs)
     total = sum(math.prod(s) * _np_dtype(d).itemsize for d, s in source.specs.values())
     rows: list[LeafReport] = []
     from tqdm import tqdm

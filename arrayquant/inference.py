@@ -24,7 +24,7 @@ shapes, bit widths, granularity), each tested equal to the generic one; see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from ._backend import compute_dtype, dtype_name, float_dtype, is_float_dtype, is_jax, is_numpy
@@ -768,14 +768,23 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
         raise ValueError(f"unknown formulation {formulation!r}; expected one of {FORMULATIONS}")
     lead = x_shape[:-1]
     m = math.prod(lead)
+    act = None
     if act_dtype is not None:
         act_qt = as_qtype(act_dtype)
-        x = quantize_activations(x, act_qt, act_symmetric)
+        if m:
+            x = quantize_activations(x, act_qt, act_symmetric)
+        else:
+            # quantize rejects empty arrays: quantize one zero row instead (the same
+            # checks and dtypes) and keep none of its rows.
+            one = _act_rows(quantize_activations(xp.zeros((1, k), dtype=x.dtype), act_qt,
+                                                 act_symmetric), k, xp)
+            act = replace(one, codes=one.codes[:0, ...], scale=one.scale[:0, ...],
+                          zero_point=None if one.zero_point is None else one.zero_point[:0, ...])
         x_is_q = True
     out_dtype = _out_dtype(xp, x.dtype, w.dtype)  # a QArray's dtype is its original one
 
     if not w_is_q:
-        xf = dequantize(x) if x_is_q else x
+        xf = dequantize(x) if isinstance(x, QArray) else x  # an empty x stays as it is
         xf = xp.astype(xf, out_dtype, copy=False)
         wf = xp.astype(w, out_dtype, copy=False)
         y = xp.matmul(xf, wf if kn else xp.permute_dims(wf, (1, 0)))
@@ -790,7 +799,8 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
                    "a weight-only formulation, but x is quantized: use one of " + str(_INTEGER))
             )
         if x_is_q:
-            y2 = _integer_product(_act_rows(x, k, xp), w, wp, cdt, xp, formulation)
+            act = _act_rows(x, k, xp) if act is None else act
+            y2 = _integer_product(act, w, wp, cdt, xp, formulation)
         else:
             y2 = _weight_only(xp.reshape(xp.astype(x, cdt, copy=False), (m, k)), w, wp, cdt, xp,
                               formulation)

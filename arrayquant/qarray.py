@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from ._backend import dtype_name
 from ._blocking import Blocking
-from ._qtypes import as_qtype
+from ._qtypes import QTYPE_NAMES, QType, as_qtype
+from .packing import packed_length
 
 __all__ = ["QArray"]
 
@@ -26,6 +29,30 @@ def _nbytes(a) -> int:
     return size * itemsize
 
 
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _int_tuple(value, field: str) -> tuple[int, ...]:
+    """``value`` (a tuple or list of ints) as a tuple of Python ints, else TypeError."""
+    ok = isinstance(value, (tuple, list)) and all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in value
+    )
+    if not ok:
+        raise TypeError(f"QArray {field}={value!r} must be a tuple of ints")
+    return tuple(int(n) for n in value)
+
+
+def _check_array(a, field: str, shape: tuple[int, ...], dtypes: tuple[str, ...], why: str):
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        return
+    if tuple(a.shape) != shape:
+        raise ValueError(f"QArray {field} has shape {tuple(a.shape)}; expected {shape} ({why})")
+    if dtype_name(a.dtype) not in dtypes:
+        raise TypeError(
+            f"QArray {field} has dtype {dtype_name(a.dtype)}; expected {' or '.join(dtypes)}"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class QArray:
     """A quantized array: ``x ~= scale * (codes - zero_point)``.
@@ -40,7 +67,21 @@ class QArray:
     original float dtype's name), ``block_shape`` (the granularity) and
     ``packed_axis`` (the axis packed into bytes, or ``None``).
 
-    Build one with :func:`arrayquant.quantize`; it is frozen.
+    Build one with :func:`arrayquant.quantize`; it is frozen. Construction
+    checks the metadata and, for array fields (anything with ``shape`` and
+    ``dtype``), their shapes and dtypes; lists for ``shape`` / ``block_shape``
+    become tuples and a negative ``packed_axis`` is normalized.
+
+    Raises:
+        TypeError: a field of the wrong type (``qtype`` not a str, ``shape`` not
+            a tuple of ints, a non-float ``dtype`` or ``scale``, ``data`` / ``zero_point`` not in
+            the storage dtype: uint8 when packed, else the qtype's int8 / uint8 /
+            int16 / uint16).
+        ValueError: unknown ``qtype``; an empty ``shape``; ``block_shape`` not
+            ``1 <= b_d <= n_d`` per dimension; ``packed_axis`` out of range or
+            on an 8- or 16-bit qtype; ``zero_point=None`` (symmetric) with an
+            unsigned qtype; array shapes that do not fit ``shape`` and
+            ``block_shape``.
     """
 
     data: Any
@@ -53,13 +94,82 @@ class QArray:
     packed_axis: int | None = None
 
     _children = ("data", "scale", "zero_point")
+    _static_names = ("qtype", "shape", "dtype", "block_shape", "packed_axis")
 
     def _static(self) -> tuple:
         return (self.qtype, self.shape, self.dtype, self.block_shape, self.packed_axis)
 
+    def __post_init__(self) -> None:
+        qt = self._check_static()
+        b = Blocking(self.shape, self.block_shape)
+        why = f"shape={self.shape}, block_shape={self.block_shape}, qtype {qt.name}"
+        packed = self.packed_axis
+        data_shape = tuple(
+            packed_length(n, qt.bits) if d == packed else n for d, n in enumerate(self.shape)
+        )
+        if packed is None:
+            _check_array(self.data, "data", data_shape, (qt.storage,), why)
+        else:
+            _check_array(self.data, "data", data_shape, ("uint8",),
+                         f"{why}, packed along axis {packed}")
+        _check_array(self.scale, "scale", b.scale_shape, _FLOATS, why)
+        _check_array(self.zero_point, "zero_point", b.scale_shape, (qt.storage,), why)
+
+    def _check_static(self) -> QType:
+        """Check and normalize the static fields; return the qtype."""
+        if not isinstance(self.qtype, str):
+            raise TypeError(f"QArray qtype={self.qtype!r} must be a name, one of {QTYPE_NAMES}")
+        if self.qtype not in QTYPE_NAMES:
+            raise ValueError(f"QArray qtype={self.qtype!r} is not one of {QTYPE_NAMES}")
+        qt = as_qtype(self.qtype)
+        shape = _int_tuple(self.shape, "shape")
+        if min(shape, default=1) <= 0:
+            raise ValueError(
+                f"QArray shape={shape} holds no element; expected sizes >= 1 (or shape ())"
+            )
+        dtype = self.dtype if isinstance(self.dtype, str) else dtype_name(self.dtype)
+        if dtype not in _FLOATS:
+            raise TypeError(f"QArray dtype={self.dtype!r} must be one of {_FLOATS}")
+        block = _int_tuple(self.block_shape, "block_shape")
+        if len(block) != len(shape) or not all(1 <= b <= n for b, n in zip(block, shape)):
+            raise ValueError(
+                f"QArray block_shape={block} does not fit shape={shape}: expected "
+                f"{len(shape)} block sizes with 1 <= block_shape[d] <= shape[d]"
+            )
+        axis = self.packed_axis
+        if axis is not None:
+            if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+                raise TypeError(f"QArray packed_axis={axis!r} must be None or an int")
+            if not -len(shape) <= axis < len(shape):
+                raise ValueError(
+                    f"QArray packed_axis={axis} is out of range for shape={shape}; expected "
+                    f"None or an int in [{-len(shape)}, {len(shape) - 1}]"
+                )
+            if qt.bits >= 8:
+                raise ValueError(
+                    f"QArray packed_axis={axis} with qtype {qt.name}: only 2- and 4-bit "
+                    "codes are packed; expected packed_axis=None"
+                )
+            axis = int(axis) % len(shape)
+        if self.zero_point is None and not qt.signed:
+            raise ValueError(
+                f"QArray zero_point=None (symmetric) needs a signed qtype, not {qt.name}"
+            )
+        for name, value in (("shape", shape), ("dtype", dtype), ("block_shape", block),
+                            ("packed_axis", axis)):
+            object.__setattr__(self, name, value)
+        return qt
+
     @classmethod
     def _from_parts(cls, static, children) -> QArray:
-        return cls(*children, *static)
+        # JAX rebuilds QArrays from arbitrary leaves (tracers, None, object()
+        # sentinels, ShapeDtypeStructs, arrays with a vmap batch axis) and static
+        # metadata that was checked when the original was built: no checks here.
+        qa = object.__new__(cls)
+        for name, value in zip(("data", "scale", "zero_point", *cls._static_names),
+                               (*children, *static)):
+            object.__setattr__(qa, name, value)
+        return qa
 
     @property
     def codes(self):
@@ -102,7 +212,11 @@ class QArray:
         return 8 * self.nbytes / math.prod(self.shape)
 
     def dequantize(self, dtype=None):
-        """``scale * (codes - zero_point)`` in the original dtype (or ``dtype``)."""
+        """``scale * (codes - zero_point)`` in the original dtype (or ``dtype``).
+
+        Saturated to that dtype's finite range, never inf (see
+        :func:`arrayquant.dequantize`).
+        """
         from .affine import dequantize
 
         return dequantize(self, dtype=dtype)

@@ -7,6 +7,12 @@ the scale of its block into NaN, and that whole block dequantizes to NaN (an
 inf gives an infinite or NaN scale the same way); codes of such a block are
 unspecified. To check inside compiled code, use :func:`all_finite` (a boolean
 array you can act on) or :func:`check_finite` under ``jax.experimental.checkify``.
+
+The other eager-only checks (docs/semantics.md, "Eager checks and jit") are
+skipped under ``jax.jit`` the same way: a block that needs a scale above the
+largest allowed one saturates, and scales or zero points given to
+``quantize_with`` / ``dequantize_with`` are used as given (results unspecified
+when they are not finite, outside ``scale_limits`` or outside the qtype).
 """
 
 from __future__ import annotations

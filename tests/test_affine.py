@@ -195,6 +195,123 @@ def test_input_float_dtypes_round_trip_dtype(backend, call, fdt):
     assert aq._backend.dtype_name(x_hat.dtype) == fdt
 
 
+# ---------------------------------------------------------------- extreme values, narrow scales
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    ("values", "fdt", "dtype", "sym", "sdt"),
+    [
+        ([F32_MAX, -F32_MAX], "float32", "int8", False, "float32"),  # q_min * s > max when z = 0
+        ([3.3e38, -3.3e38], "float32", "int4", False, "float32"),
+        ([F32_MAX, -F32_MAX, 1.0], "float32", "int16", False, "float32"),
+        ([65504.0, -65504.0], "float16", "int8", True, "float16"),  # s = 516 > 65504 / 127
+        ([65504.0, -65504.0, 3.0], "float16", "uint8", False, "bfloat16"),
+        ([3.38e38, -3.38e38], "bfloat16", "int8", False, "float32"),
+    ],
+)
+def test_dequantize_saturates_to_the_output_range(backend, call, values, fdt, dtype, sym, sdt):
+    if sdt not in backend.float_dtypes():
+        pytest.skip(f"{backend.name} has no {sdt}")
+    x = backend.asarray(np.array(values), fdt)
+    xf = backend.to_numpy(x).astype(np.float64)
+    qa = call(aq.quantize)(x, dtype, sym, scale_dtype=sdt)
+    s = float(backend.to_numpy(qa.scale).reshape(-1)[0])
+    outs = [call(aq.dequantize)(qa), call(aq.dequantize_with)(qa.codes, qa.scale, qa.zero_point,
+                                                              dtype=fdt)]
+    if not backend.jit:
+        outs.append(qa.dequantize())
+    for out in outs:
+        assert aq._backend.dtype_name(out.dtype) == fdt
+        x_hat = backend.to_numpy(out).astype(np.float64)
+        assert np.all(np.isfinite(x_hat)), x_hat
+        assert np.all(np.abs(x_hat - xf) <= s / 2 * (1 + 2**-7)), (x_hat, s)
+
+
+@pytest.mark.parametrize("sdt", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "sym"), [("int16", False), ("uint16", False), ("int16", True),
+                                            ("int8", False)])
+def test_narrow_scales_are_rounded_up(backend, call, sdt, dtype, sym):
+    if sdt not in backend.float_dtypes():
+        pytest.skip(f"{backend.name} has no {sdt}")
+    qt = aq.as_qtype(dtype)
+    rng = np.random.default_rng(11)
+    x_np = (rng.uniform(-1, 1, (64, 16)) * 10.0 ** rng.integers(-3, 4, (64, 1))).astype(np.float32)
+    # The float32 scales (bit-identical on every backend), and what the scale dtype stores.
+    s32 = np.asarray(aq.qparams(x_np, dtype, sym, axis=0)[0], np.float64)
+    s32 = np.maximum(s32, aq._backend.scale_limits(sdt, "float32")[0])  # tiny blocks: the floor
+    qa = call(aq.quantize)(backend.asarray(x_np), dtype, sym, axis=0, scale_dtype=sdt)
+    s = backend.to_numpy(qa.scale)
+    nearest = s32.astype(s.dtype).astype(np.float64)
+    assert np.any(nearest < s32)  # the case that used to saturate
+    s64 = s.astype(np.float64)
+    assert np.all(s64 >= s32)
+    below = np.nextafter(s, np.array(-np.inf, s.dtype)).astype(np.float64)
+    assert np.all(below < s32)  # the smallest representable value >= s32
+    x_hat = backend.to_numpy(call(aq.dequantize)(qa)).astype(np.float64)
+    s_full = np.broadcast_to(s64, x_np.shape)
+    err = np.abs(x_hat - x_np)
+    # Rounded down, 16-bit codes saturated by up to 2**-9 * 65535 codes (203 * s seen).
+    assert np.all(err <= s_full * (0.5 + 8 * 2.0**-23 * (qt.qmax - qt.qmin)) + 1e-6 * np.abs(
+        x_np)), np.max(err / s_full)
+
+
+def test_float32_scales_of_float32_input_are_not_rounded_up():
+    # Rounding up only changes a scale whose cast rounded down: float32 scales of
+    # float32 input are the computed ones, bit for bit.
+    x = np.linspace(-3.7, 1.3, 100, dtype=np.float32).reshape(4, 25)
+    for dtype in ("int8", "uint4", "int16"):
+        s, _ = aq.qparams(x, dtype, axis=0)
+        rmin, rmax = np.minimum(x.min(1, keepdims=True), 0), np.maximum(x.max(1, keepdims=True), 0)
+        qt = aq.as_qtype(dtype)
+        expect = (rmax * np.float32(0.5) - rmin * np.float32(0.5)) * np.float32(
+            2.0 / (qt.qmax - qt.qmin))
+        np.testing.assert_array_equal(s, expect)
+
+
+@pytest.mark.parametrize(
+    ("values", "fdt", "dtype", "sym", "sdt", "match"),
+    [
+        ([1e10], "float32", "int8", False, "float16",
+         r"3.92157e\+07 for int8 codes, above 65504, .*use scale_dtype='float32'"),
+        ([1e38, -1e38], "float32", "int2", True, "float32",
+         r"1e\+38 for int2 codes, above 8.50706e\+37.*x.astype\(float64\) with scale_dtype"),
+        ([3e38, 0.0], "float32", "uint2", False, "float64",
+         r"1e\+38 for uint2 codes, above 8.50706e\+37.*x.astype\(float64\)"),
+        ([1e300], "float64", "int8", False, "float32", r"3.92157e\+297 .*scale_dtype='float64'"),
+        ([1.7e308], "float64", "int2", True, "float64", r"1.7e\+308 .*more bits than int2"),
+    ],
+    ids=["f16-scales", "f32-int2", "f64-scales-f32-input", "f32-scales-f64-input", "f64-int2"],
+)
+def test_scale_above_the_cap_raises_eagerly(backend, monkeypatch, values, fdt, dtype, sym, sdt,
+                                            match):
+    if backend.jit:
+        pytest.skip("under jit the check cannot run: see the next test")
+    if sdt not in backend.float_dtypes():
+        pytest.skip(f"{backend.name} has no {sdt}")
+    x = backend.asarray(np.array(values), fdt)
+    for fast in (True, False):
+        monkeypatch.setattr(affine, "_USE_NUMPY_FAST_PATH", fast)
+        for fn in (aq.qparams, aq.quantize):
+            with pytest.raises(ValueError, match="x needs a scale of up to " + match):
+                fn(x, dtype, sym, scale_dtype=sdt)
+    # Only the block that needs it raises: other blocks within the cap are fine.
+    aq.quantize(backend.asarray(np.array([1.0, 2.0]), fdt), dtype, sym, scale_dtype=sdt)
+
+
+def test_scale_above_the_cap_saturates_under_jit():
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.asarray([1e10, -5.0, 3.0], jax.numpy.float32)
+    qa = jax.jit(lambda v: aq.quantize(v, "int8", scale_dtype="float16"))(x)
+    assert float(qa.scale[0]) == 65504.0  # the cap: the block saturates, as documented
+    x_hat = np.asarray(jax.jit(aq.dequantize)(qa))
+    assert np.all(np.isfinite(x_hat)) and x_hat[0] == 65504.0 * (127 - int(qa.zero_point[0]))
+    # The suggested remedy works: float32 scales cover the range.
+    ok = aq.quantize(np.asarray(x), "int8", scale_dtype="float32")
+    assert np.max(np.abs(aq.dequantize(ok) - np.asarray(x))) <= float(ok.scale[0]) / 2
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -250,6 +367,107 @@ def test_non_finite_input_raises_eagerly(backend, bad):
         aq.quantize_with(xa, s, z)
 
 
+LIMITS_F32 = (r"float32 scales with float32 values must be finite and in "
+              r"\[4.70198e-38, 8.50706e\+37\]")
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (0.0, r"scale holds values from 0 to 0.01; "),
+        (-0.5, r"scale holds values from -0.5 to 0.01; "),
+        # subnormal (XLA flushes it, so JAX reports 0)
+        (1e-40, r"scale holds values from (9.99995e-41|0) to 0.01; "),
+        (1e38, r"scale holds values from 0.01 to 1e\+38; "),  # above 1 / smallest normal
+        (np.nan, r"scale holds 1 NaN or infinite values; "),
+        (np.inf, r"scale holds 1 NaN or infinite values; "),
+    ],
+    ids=["zero", "negative", "subnormal", "huge", "nan", "inf"],
+)
+def test_invalid_scales_raise_eagerly(backend, bad, match):
+    if backend.jit:
+        pytest.skip("under jit scales are used as given: see test_invalid_qparams_under_jit")
+    x = backend.asarray(np.linspace(-1, 1, 12).reshape(3, 4), "float32")
+    s_np = np.full((3, 1), 0.01)
+    s_np[1, 0] = bad
+    s = backend.asarray(s_np, "float32")
+    z = backend.asarray(np.zeros((3, 1), np.int8))
+    codes = backend.asarray(np.zeros((3, 4), np.int8))
+    with pytest.raises(ValueError, match=match + LIMITS_F32):
+        aq.quantize_with(x, s, z)
+    with pytest.raises(ValueError, match=match + LIMITS_F32):
+        aq.dequantize_with(codes, s, z)
+    with pytest.raises(ValueError, match=match + LIMITS_F32):
+        aq.dequantize_with(codes, s, None, dtype="float32")
+
+
+def test_scale_limits_follow_the_scale_and_value_dtypes(backend):
+    if backend.jit:
+        pytest.skip("eager-only checks")
+    x16 = backend.asarray(np.ones((2, 4)), "float32")
+    if "float16" in backend.float_dtypes():
+        tiny16 = backend.asarray(np.full((2, 1), 1e-6), "float16")  # subnormal in float16
+        with pytest.raises(ValueError, match=r"float16 scales with float32 values must be finite "
+                                             r"and in \[6.10352e-05, 65504\]"):
+            aq.quantize_with(x16, tiny16, None)
+    if "float64" in backend.float_dtypes():
+        # A float64 scale of 1e-300 is fine for float64 values, not for a float32 result.
+        s = backend.asarray(np.full((2, 1), 1e-300), "float64")
+        codes = backend.asarray(np.ones((2, 4), np.int8))
+        assert backend.to_numpy(aq.dequantize_with(codes, s)).dtype == np.float64
+        with pytest.raises(ValueError, match=r"float64 scales with float32 values"):
+            aq.dequantize_with(codes, s, dtype="float32")
+
+
+def test_zero_points_outside_the_qtype_raise_eagerly(backend):
+    if backend.jit:
+        pytest.skip("under jit zero points are used as given: see test_invalid_qparams_under_jit")
+    x = backend.asarray(np.linspace(-1, 1, 12).reshape(3, 4), "float32")
+    s = backend.asarray(np.full((3, 1), 0.1), "float32")
+    z = backend.asarray(np.array([[0], [100], [-3]], np.int8))
+    with pytest.raises(ValueError, match=r"zero_point holds values from -3 to 100; int4 zero "
+                                         r"points must be in \[-8, 7\]"):
+        aq.quantize_with(x, s, z, "int4")
+    aq.quantize_with(x, s, z, "int8")  # fine for int8
+    zu = backend.asarray(np.array([[0], [200], [255]], np.uint8))
+    with pytest.raises(ValueError, match=r"from 0 to 255; int8 zero points must be in "
+                                         r"\[-128, 127\]"):
+        aq.quantize_with(x, s, zu, "int8")
+
+
+def test_invalid_qparams_give_the_same_error_on_every_eager_backend():
+    jnp = pytest.importorskip("jax.numpy")
+    import array_api_strict as xps
+
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    s = np.array([0.01, -2.0], np.float32)
+    z = np.array([0, 9], np.int8)
+    messages = set()
+    for to in (np.asarray, jnp.asarray, xps.asarray):
+        with pytest.raises(ValueError) as e:
+            aq.quantize_with(to(x), to(s), to(z), "int4")
+        messages.add(str(e.value))
+        with pytest.raises(ValueError) as e:
+            aq.dequantize_with(to(z), to(s), to(z))
+        messages.add(str(e.value))
+    assert messages == {
+        "scale holds values from -2 to 0.01; float32 scales with float32 values must be "
+        "finite and in [4.70198e-38, 8.50706e+37]"
+    }
+
+
+def test_invalid_qparams_under_jit():
+    # Under jit values are unknown while tracing: scales and zero points are used as
+    # given and the results are unspecified (documented), but nothing raises.
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.linspace(-1, 1, 8)
+    s = jax.numpy.asarray([0.0, -1.0], jax.numpy.float32)
+    z = jax.numpy.asarray([0, 100], jax.numpy.int8)
+    codes = jax.jit(lambda x, s, z: aq.quantize_with(x, s, z, "int4"))(x, s, z)
+    assert codes.shape == (8,)
+    assert jax.jit(aq.dequantize_with)(codes, s, z).shape == (8,)
+
+
 # ---------------------------------------------------------------- cross-backend exactness
 
 
@@ -276,6 +494,13 @@ def test_numpy_and_jax_bit_identical(dtype, kw):
     rng = np.random.default_rng(7)
     for x in _adversarial(rng):
         for sym in (False, True) if dtype.startswith("i") else (False,):
+            if sym and dtype == "int2" and np.max(np.abs(x)) > 2.0**126:
+                # The scale 1e38 / q_max is above the float32 cap 2**126: eager calls
+                # raise on both backends (under jit it would saturate, so no comparison).
+                for xa in (x, jnp.asarray(x)):
+                    with pytest.raises(ValueError, match="needs a scale of up to 1e"):
+                        aq.quantize(xa, dtype, sym, **kw)
+                continue
             a = aq.quantize(x, dtype, sym, **kw)
             b = aq.quantize(jnp.asarray(x), dtype, sym, **kw)
             c = jax.jit(lambda v, sym=sym: aq.quantize(v, dtype, sym, **kw))(jnp.asarray(x))
@@ -285,6 +510,33 @@ def test_numpy_and_jax_bit_identical(dtype, kw):
                 if not sym:
                     np.testing.assert_array_equal(a.zero_point, np.asarray(other.zero_point))
                 np.testing.assert_array_equal(aq.dequantize(a), np.asarray(aq.dequantize(other)))
+
+
+@pytest.mark.parametrize("sdt", ["float16", "bfloat16"])
+def test_numpy_and_jax_bit_identical_with_narrow_scales(sdt):
+    jnp = pytest.importorskip("jax.numpy")
+    import jax
+
+    rng = np.random.default_rng(9)
+    halves = ((np.arange(-64, 64) + 0.5) * 0.25).astype(np.float32)[None, :]
+    xs = [(rng.standard_normal((16, 64)) * 10.0 ** rng.integers(-3, 4, (16, 1))).astype(np.float32),
+          (rng.standard_normal((8, 32)) * 1e-30).astype(np.float32),  # scales at the floor
+          halves, rng.uniform(0, 1, (4, 100)).astype(np.float32) * 1e3]
+    for x in xs:
+        for dtype, sym in [("int16", False), ("uint16", False), ("int16", True), ("int8", False),
+                           ("uint4", False), ("int2", True)]:
+            kw = {"axis": 0, "scale_dtype": sdt}
+            a = aq.quantize(x, dtype, sym, **kw)
+            b = aq.quantize(jnp.asarray(x), dtype, sym, **kw)
+            c = jax.jit(lambda v, d=dtype, sym=sym, kw=kw: aq.quantize(v, d, sym, **kw))(
+                jnp.asarray(x))
+            for other in (b, c):
+                np.testing.assert_array_equal(a.scale, np.asarray(other.scale))
+                np.testing.assert_array_equal(a.codes, np.asarray(other.codes))
+                if not sym:
+                    np.testing.assert_array_equal(a.zero_point, np.asarray(other.zero_point))
+                np.testing.assert_array_equal(aq.dequantize(a),
+                                              np.asarray(jax.jit(aq.dequantize)(other)))
 
 
 @pytest.mark.parametrize("fdt", ["float32", "float64", "float16", "bfloat16"])
@@ -298,16 +550,18 @@ def test_numpy_fast_path_matches_generic_path(monkeypatch, fdt, kw):
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((37, 200)) * 5).astype(_np_dtype(fdt))
-    for dtype, sym in [("int8", True), ("uint8", False), ("int4", False), ("int16", True)]:
-        fast = aq.quantize(x, dtype, sym, **kw)
+    for dtype, sym, sdt in [("int8", True, "float32"), ("uint8", False, "float32"),
+                            ("int4", False, "float32"), ("int16", True, "float32"),
+                            ("uint16", False, "bfloat16"), ("int8", False, "float16")]:
+        fast = aq.quantize(x, dtype, sym, **kw, scale_dtype=sdt)
         monkeypatch.setattr(affine, "_USE_NUMPY_FAST_PATH", False)
-        slow = aq.quantize(x, dtype, sym, **kw)
+        slow = aq.quantize(x, dtype, sym, **kw, scale_dtype=sdt)
         monkeypatch.setattr(affine, "_USE_NUMPY_FAST_PATH", True)
         np.testing.assert_array_equal(fast.codes, slow.codes)
         np.testing.assert_array_equal(fast.scale, slow.scale)
         if not sym:
             np.testing.assert_array_equal(fast.zero_point, slow.zero_point)
-        if fdt in ("float32", "float64"):  # array_api_strict runs the generic path too
+        if fdt in ("float32", "float64") and sdt == "float32":  # the generic path again
             strict = aq.quantize(xps.asarray(x), dtype, sym, **kw)
             np.testing.assert_array_equal(fast.codes, np.asarray(strict.codes._array))
 

@@ -7,6 +7,7 @@ import os
 import pathlib
 import struct
 import tempfile
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -320,6 +321,9 @@ def _resign(header, data):
     if not isinstance(doc, dict) or not isinstance(doc.get("digests"), dict):
         return
     body = {k: doc[k] for k in ("version", "leaves", "tree") if k in doc}
+    # The metadata digest covers the tensors' dtypes and shapes from the header too.
+    body["tensors"] = {name: [e["dtype"], e["shape"]] for name, e in sorted(header.items())
+                       if name != "__metadata__"}
     doc["digests"]["metadata"] = digest(np.frombuffer(_canonical(body).encode(), np.uint8))
     doc["digests"]["tensors"] = {
         name: digest(np.frombuffer(data[e["data_offsets"][0] : e["data_offsets"][1]], np.uint8))
@@ -484,7 +488,7 @@ CORRUPTIONS = {
     "deep nesting": (dict(edit_header=lambda h: h["__metadata__"].update(
                          arrayquant='{"version": 2, "x": ' + "[" * 1000 + "]" * 1000 + "}"),
                      resign=False),
-                     "nested 1001 levels deep; arrayquant reads at most 302"),
+                     "nested too deeply; arrayquant reads at most 303"),
     "version 1 with digests": (dict(edit_doc=lambda d: d.update(version=1)),
                                "unknown: 'digests'"),
     "version 2 without digests": (dict(edit_doc=lambda d: d.pop("digests")),
@@ -502,6 +506,11 @@ def test_load_rejects_corrupted_files(good, case):
     assert str(good) in str(info.value)
 
 
+def _container(header: bytes, data_bytes: int) -> bytes:
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + b"\0" * data_bytes
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -510,12 +519,16 @@ def test_load_rejects_corrupted_files(good, case):
         (lambda raw: b"", "0 bytes is too short for a safetensors file"),
         (lambda raw: b"\x00" * 7, "7 bytes is too short"),
         (lambda raw: struct.pack("<Q", 1 << 62) + raw[8:], "header length field says"),
-        (lambda raw: struct.pack("<Q", 8) + b'{"a":1} ', "not a valid safetensors file"),
+        (lambda raw: struct.pack("<Q", 8) + b'{"a":1} ', "must hold exactly 'dtype', 'shape'"),
+        (lambda raw: _container(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,9]}}', 8),
+         "not a valid safetensors file"),  # offsets that do not fit the data
         (lambda raw: os.urandom(64), "header length field says|not valid JSON"),
         (lambda raw: raw[:8] + b"[" + raw[9:], "safetensors header is not valid JSON"),
     ],
 )
 def test_load_rejects_broken_containers(good, make, match):
+    """Broken at the safetensors level (checked by arrayquant's strict reader, then by
+    safetensors itself)."""
     good.write_bytes(make(good.read_bytes()))
     with pytest.raises(CheckpointError, match=match):
         aq.load(good)
@@ -722,3 +735,162 @@ def test_quantize_checkpoint_progress_bar(tmp_path, capsys):
     _float_checkpoint(src)
     aq.quantize_checkpoint(src, tmp_path / "out.safetensors", aq.Rule(), progress=True)
     assert "in.safetensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- review findings
+
+
+def _header_fields(path):
+    header, _ = _read_raw(path)
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+_SAME_SIZE = [("I8", "U8", "BOOL"), ("I16", "U16", "F16", "BF16"), ("I32", "U32", "F32"),
+              ("I64", "U64", "F64")]
+
+
+def test_every_dtype_substitution_in_the_header_is_caught(tmp_path):
+    """The tensors' dtypes and shapes live in the safetensors header, outside the arrayquant
+    document: the metadata digest covers them, so no substitution loads other values."""
+    f = tmp_path / "m.safetensors"
+    aq.save(f, {"f32": np.array([1.5, -2], np.float32), "i8": np.array([1, -1], np.int8),
+                "f16": np.ones(2, np.float16), "i64": np.arange(2, dtype=np.int64),
+                "w": aq.quantize(_f32(2, 4), "int4", group_size=2, scale_dtype="bfloat16"),
+                "empty": np.zeros((0, 5), np.float32), "m": np.zeros((2, 3), np.float32)})
+    raw = f.read_bytes()
+    cases = 0
+    for name, entry in _header_fields(f).items():
+        group = next(g for g in _SAME_SIZE if entry["dtype"] in g)
+        edits = [("dtype", code) for code in group if code != entry["dtype"]]
+        shape = entry["shape"]
+        if 0 in shape:
+            edits.append(("shape", [0, shape[1] + 1]))
+        if len(shape) == 2 and shape[0] != shape[1]:
+            edits.append(("shape", shape[::-1]))
+        for field, value in edits:
+            f.write_bytes(raw)
+            _edit(f, edit_header=lambda h, n=name, k=field, v=value: h[n].update({k: v}),
+                  resign=False)
+            with pytest.raises(CheckpointError):
+                aq.load(f)
+            cases += 1
+    assert cases >= 12
+
+
+def test_big_endian_arrays_round_trip(tmp_path):
+    f = tmp_path / "m.safetensors"
+    tree = {"f": np.arange(3, dtype=">f4"), "i": np.array([1, -2], ">i2"),
+            "d": np.array([0.5], ">f8")}
+    aq.save(f, tree)
+    back = aq.load(f)
+    for k, v in tree.items():
+        np.testing.assert_array_equal(back[k], v)
+        assert back[k].dtype == v.dtype.newbyteorder("=")
+
+
+def test_quantize_checkpoint_copies_big_endian_npz_arrays(tmp_path):
+    src = tmp_path / "in.npz"
+    np.savez(src, w=_f32(4, 8).astype(">f4"), pos=np.arange(4, dtype=">i8"))
+    aq.quantize_checkpoint(src, tmp_path / "out.safetensors", aq.Rule(dtype="int8", axis=0))
+    out = aq.load(tmp_path / "out.safetensors")
+    np.testing.assert_array_equal(out["pos"], np.arange(4))
+    ref = aq.quantize(np.load(src)["w"].astype(np.float32), "int8", axis=0)
+    assert_leaf_equal(ref, out["w"])
+
+
+def test_numbers_that_overflow_are_refused(good):
+    def raw_edit(h):
+        doc = json.loads(h["__metadata__"]["arrayquant"])
+        doc["tree"]["items"][0][1]["x"] = 1e400
+        h["__metadata__"]["arrayquant"] = json.dumps(doc).replace("Infinity", "1e400")
+    _edit(good, edit_header=raw_edit, resign=False)
+    with pytest.raises(CheckpointError, match="the number 1e400 overflows to inf"):
+        aq.load(good)
+
+
+def test_a_root_leaf_tree_is_refused(tmp_path):
+    f = tmp_path / "m.safetensors"
+    aq.save(f, {"w8": np.zeros(2)})
+    _edit(f, edit_doc=lambda d: d.update(tree={"type": "leaf", "path": "w8"}))
+    with pytest.raises(CheckpointError, match="root is a single leaf"):
+        aq.load(f)
+
+
+def test_a_flat_dict_stored_as_a_tree_is_refused(tmp_path):
+    f = tmp_path / "m.safetensors"
+    aq.save(f, {"a": np.zeros(2), "b": np.ones(2)})
+    _edit(f, edit_doc=lambda d: d.update(tree={"type": "dict", "items": [
+        ["a", {"type": "leaf", "path": "a"}], ["b", {"type": "leaf", "path": "b"}]]}))
+    with pytest.raises(CheckpointError, match="flat dict of leaves is stored with 'tree' null"):
+        aq.load(f)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda h: h["w8:data"].update(extra=[1]), "must hold exactly 'dtype', 'shape'"),
+    (lambda h: h["__metadata__"].update(note="hi"), "arrayquant writes exactly"),
+])
+def test_header_fields_save_never_writes_are_refused(good, edit, match):
+    _edit(good, edit_header=edit)
+    with pytest.raises(CheckpointError, match=match):
+        aq.load(good)
+
+
+def test_an_unclosed_string_in_the_header_is_refused_in_linear_time(tmp_path):
+    """A regular-expression pre-scan once took minutes on this input (quadratic)."""
+    f = tmp_path / "m.safetensors"
+    body = b'"' + b'\\"' * 200_000
+    body += b" " * (-len(body) % 8)
+    f.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        aq.load(f)
+
+
+@pytest.mark.parametrize(("tree", "match"), [
+    ({"__metadata__": np.zeros(1)}, "cannot be named '__metadata__'"),
+    ({"\ud800": np.zeros(1)}, "cannot be encoded as UTF-8"),
+])
+def test_save_refuses_names_safetensors_cannot_hold(tmp_path, tree, match):
+    with pytest.raises(ValueError, match=match):
+        aq.save(tmp_path / "m.safetensors", tree)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_container_at_the_deepest_level_round_trips(tmp_path):
+    f = tmp_path / "m.safetensors"
+    for empty in ({}, [], ()):
+        tree = {"a": _nested(98, {"e": empty, "x": np.zeros(1)})}  # "e" at depth 100
+        aq.save(f, tree)
+        assert_tree_equal(tree, aq.load(f))
+
+
+def test_damaged_npz_inputs_raise_checkpoint_errors(tmp_path):
+    src = tmp_path / "in.npz"
+    np.savez_compressed(src, w=_f32(16, 16), b=_f32(16))
+    raw = src.read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(200):
+        mutant = bytearray(raw)
+        i = int(rng.integers(len(raw)))
+        mutant[i : i + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        src.write_bytes(bytes(mutant[: len(raw)]))
+        try:
+            aq.checkpoint_info(src)
+            aq.quantize_checkpoint(src, tmp_path / "out.safetensors", aq.Rule(dtype="int8"))
+            outcomes["ok"] += 1
+        except CheckpointError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 20
+
+
+def test_an_npz_with_a_member_twice_is_refused(tmp_path):
+    import zipfile
+
+    src = tmp_path / "in.npz"
+    with warnings.catch_warnings(), zipfile.ZipFile(src, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        for value in (1.0, 2.0):
+            with zf.open("w.npy", "w") as fh:
+                np.lib.format.write_array(fh, np.full(2, value))
+    with pytest.raises(CheckpointError, match="holds 'w.npy' twice"):
+        aq.checkpoint_info(src)

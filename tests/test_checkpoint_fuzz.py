@@ -3,7 +3,9 @@
 Mutations of a valid file, drawn from a seeded generator:
 
 - damage, as a disk or a transfer would do it: single bit flips anywhere in the
-  file, random byte runs overwritten, truncations. The file's digests are left
+  file, random byte runs overwritten, truncations, and a tensor's dtype or shape
+  in the safetensors header changed (another dtype of the same size, a dimension
+  one longer or shorter, dimensions reversed). The file's digests are left
   as they are, so a "correct load" means a tree equal to the original, bit for
   bit;
 - hostile edits, as a writer who knows the format would make them: JSON edits
@@ -76,8 +78,32 @@ def _join(header, data: bytes) -> bytes:
 # ------------------------------------------------------------------ damage
 
 
+_SAME_SIZE = [("I8", "U8", "BOOL"), ("I16", "U16", "F16", "BF16"), ("I32", "U32", "F32"),
+              ("I64", "U64", "F64")]
+
+
+def _damage_header_field(raw: bytes, rng) -> bytes:
+    """Another dtype of the same item size, or another shape: bytes the per-tensor digests
+    do not cover (the metadata digest does)."""
+    header, data = _split(raw)
+    name = rng.choice(sorted(k for k in header if k != "__metadata__"))
+    entry = header[name]
+    if rng.integers(2):
+        group = next(g for g in _SAME_SIZE if entry["dtype"] in g)
+        entry["dtype"] = str(rng.choice(group))
+    elif entry["shape"]:
+        shape = entry["shape"]
+        i = int(rng.integers(len(shape)))
+        shape[i] = max(0, shape[i] + int(rng.choice([-1, 1])))
+        if rng.integers(2):
+            shape.reverse()
+    return _join(header, data)
+
+
 def _damage(raw: bytes, rng) -> bytes:
-    kind = rng.integers(3)
+    kind = rng.integers(4)
+    if kind == 3:
+        return _damage_header_field(raw, rng)
     if kind == 0:  # one bit flip
         out = bytearray(raw)
         i = int(rng.integers(len(raw)))
@@ -155,12 +181,22 @@ def _hostile(raw: bytes, rng) -> bytes:
 # ------------------------------------------------------------------ outcomes
 
 
+def _leaves(tree):
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    elif tree is not None:
+        yield tree
+
+
 def _assert_savable(tree, tmp_path) -> None:
     """What load() returned is what save() writes: it saves, loads back equal, dequantizes."""
     again = tmp_path / "again.safetensors"
     aq.save(again, tree)
     assert_tree_equal(tree, aq.load(again))
-    for leaf in (tree.values() if isinstance(tree, dict) else []):
+    for leaf in _leaves(tree):
         if isinstance(leaf, aq.QArray):
             assert np.all(np.isfinite(aq.dequantize(leaf)))
 

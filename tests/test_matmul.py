@@ -429,6 +429,31 @@ def test_leading_axes_bias_and_dtypes(backend, call):
             assert aq._backend.dtype_name(y.dtype) == fdt
 
 
+def test_empty_batch_gives_empty_result(backend, call):
+    """An x without rows gives ``(..., 0, n)`` on every path, as a non-empty x would."""
+    rng = np.random.default_rng(8)
+    w64 = rng.standard_normal((5, 16))
+    fdts = [f for f in ("float32", "float16") if f in backend.float_dtypes()]
+    for fdt in fdts:
+        weights = [backend.asarray(w64, fdt),
+                   aq.quantize(backend.asarray(w64, fdt), "int8", True, axis=0),
+                   aq.quantize(backend.asarray(w64, fdt), "uint4", group_size=8)]
+        for w in weights:
+            for act, sym in ((None, True), ("int8", True), ("int8", False), ("uint8", False)):
+                for lead in ((0,), (3, 0)):
+                    x = backend.asarray(np.ones((*lead, 16)), fdt)
+                    y = call(aq.linear)(x, w, act_dtype=act, act_symmetric=sym)
+                    full = call(aq.linear)(backend.asarray(np.ones((2, 16)), fdt), w,
+                                           act_dtype=act, act_symmetric=sym)
+                    assert tuple(y.shape) == (*lead, 5)
+                    assert aq._backend.dtype_name(y.dtype) == aq._backend.dtype_name(full.dtype)
+    # The checks of a non-empty x still apply.
+    with pytest.raises(ValueError, match="symmetric=True needs a signed dtype"):
+        aq.linear(backend.asarray(np.ones((0, 16)), "float32"),
+                  aq.quantize(backend.asarray(w64, "float32"), "int8", True, axis=0),
+                  act_dtype="uint8")
+
+
 def test_linear_partial_for_a_model(backend, call):
     """How a model picks W8A8: functools.partial(aq.linear, act_dtype="int8")."""
     _skip_eager_jax(backend)

@@ -85,3 +85,88 @@ def test_qtypes():
     assert aq.as_qtype(xps.int16).name == "int16"
     with pytest.raises(ValueError, match="unsupported quantized dtype"):
         aq.as_qtype(np.int32)
+
+
+# ---------------------------------------------------------------- construction checks
+
+
+def _parts():
+    """The fields of a valid packed int4 QArray, (4, 6) in groups of 3: data (4, 3) uint8."""
+    qa = aq.quantize(np.arange(24, dtype=np.float32).reshape(4, 6), "int4", group_size=3)
+    return dict(data=qa.data, scale=qa.scale, zero_point=qa.zero_point, qtype="int4",
+                shape=(4, 6), dtype="float32", block_shape=(1, 3), packed_axis=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"qtype": "int3"}, ValueError, r"qtype='int3' is not one of"),
+        ({"qtype": np.int8}, TypeError, r"qtype=<class 'numpy.int8'> must be a name"),
+        ({"shape": (4, 0)}, ValueError, r"shape=\(4, 0\) holds no element"),
+        ({"shape": (-4, -6)}, ValueError, r"shape=\(-4, -6\) holds no element"),
+        ({"shape": (4, 6.0)}, TypeError, r"shape=\(4, 6.0\) must be a tuple of ints"),
+        ({"shape": 24}, TypeError, r"shape=24 must be a tuple of ints"),
+        ({"shape": (4, True)}, TypeError, r"shape=\(4, True\) must be a tuple of ints"),
+        ({"dtype": "int8"}, TypeError, r"dtype='int8' must be one of"),
+        ({"block_shape": (1, 3, 1)}, ValueError, r"block_shape=\(1, 3, 1\) does not fit"),
+        ({"block_shape": (0, 3)}, ValueError, r"block_shape=\(0, 3\) does not fit"),
+        ({"block_shape": (1, 7)}, ValueError, r"1 <= block_shape\[d\] <= shape\[d\]"),
+        ({"packed_axis": 2}, ValueError, r"packed_axis=2 is out of range .* \[-2, 1\]"),
+        ({"packed_axis": 1.0}, TypeError, r"packed_axis=1.0 must be None or an int"),
+        ({"qtype": "int8", "packed_axis": 1}, ValueError, r"only 2- and 4-bit codes are packed"),
+        ({"qtype": "uint4", "zero_point": None}, ValueError,
+         r"zero_point=None \(symmetric\) needs a signed qtype, not uint4"),
+        ({"data": np.zeros((4, 6), np.uint8)}, ValueError,
+         r"data has shape \(4, 6\); expected \(4, 3\) .*packed along axis 1"),
+        ({"data": np.zeros((4, 3), np.int8)}, TypeError, r"data has dtype int8; expected uint8"),
+        ({"packed_axis": None}, ValueError, r"data has shape \(4, 3\); expected \(4, 6\)"),
+        ({"scale": np.ones((4, 3), np.float32)}, ValueError,
+         r"scale has shape \(4, 3\); expected \(4, 2\) \(shape=\(4, 6\), block_shape=\(1, 3\)"),
+        ({"scale": np.ones((4, 2), np.int32)}, TypeError, r"scale has dtype int32; expected"),
+        ({"zero_point": np.zeros((4,), np.int8)}, ValueError, r"zero_point has shape \(4,\)"),
+        ({"zero_point": np.zeros((4, 2), np.float32)}, TypeError,
+         r"zero_point has dtype float32; expected int8"),
+    ],
+)
+def test_invalid_construction_raises_a_clear_error(change, error, match):
+    with pytest.raises(error, match=r"QArray .*" + match):
+        aq.QArray(**{**_parts(), **change})
+
+
+def test_construction_normalizes_lists_and_negative_axes():
+    qa = aq.QArray(**{**_parts(), "shape": [4, np.int64(6)], "block_shape": [1, 3],
+                      "packed_axis": -1})
+    assert qa.shape == (4, 6) and qa.block_shape == (1, 3) and qa.packed_axis == 1
+    assert all(type(n) is int for n in qa.shape)
+    np.testing.assert_array_equal(qa.dequantize(), aq.QArray(**_parts()).dequantize())
+    # Unpacked int4 codes (as a checkpoint may hold them) and 0-d arrays are fine.
+    x = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    w = aq.quantize(x, "int4", symmetric=True, axis=0)
+    aq.QArray(w.codes, w.scale, None, "int4", w.shape, "float32", w.block_shape, None)
+    s = aq.quantize(np.float32(2.5), "int8")
+    assert aq.QArray(s.data, s.scale, s.zero_point, *s._static()).shape == ()
+
+
+def test_jax_rebuilds_qarrays_from_any_leaves():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    qa = aq.quantize(np.arange(24, dtype=np.float32).reshape(4, 6), "int4", group_size=3)
+    shapes = jax.tree.map(lambda a: a.shape, qa)
+    assert shapes.data == (4, 3) and shapes.scale == (4, 2)
+    assert jax.tree.map(lambda a: None, qa).zero_point is None
+    assert jax.tree.map(lambda a: 1, qa).data == 1
+    sentinel = object()
+    assert jax.tree.map(lambda a: sentinel, qa).scale is sentinel
+    assert jax.eval_shape(lambda q: q, qa).data == jax.ShapeDtypeStruct((4, 3), jnp.uint8)
+    on_jax = jax.tree.map(jnp.asarray, qa)
+    np.testing.assert_array_equal(aq.dequantize(on_jax), aq.dequantize(qa))
+    # jit returning a QArray, and vmap giving arrays with a leading batch axis.
+    xs = jnp.asarray(np.random.default_rng(2).standard_normal((3, 4, 6)), jnp.float32)
+    jq = jax.jit(lambda x: aq.quantize(x, "int4", group_size=3))(xs[0])
+    assert isinstance(jq, aq.QArray) and jq.data.shape == (4, 3)
+    vq = jax.vmap(aq.quantize)(xs)
+    assert vq.data.shape == (3, 4, 6) and vq.scale.shape == (3, 1, 1) and vq.shape == (4, 6)
+    vq4 = jax.vmap(lambda x: aq.quantize(x, "int4", group_size=3))(xs)
+    assert vq4.data.shape == (3, 4, 3)
+    np.testing.assert_array_equal(jax.vmap(aq.dequantize)(vq4)[1], aq.dequantize(
+        aq.quantize(xs[1], "int4", group_size=3)))
