@@ -21,10 +21,12 @@ from .inference import int32_safe_in_features, linear, matmul, quantize_activati
 from .metrics import max_abs_error, mse, sqnr_db
 from .packing import (
     from_high_nibble_first,
+    from_hqq,
     from_planar,
     pack,
     packed_length,
     to_high_nibble_first,
+    to_hqq,
     to_planar,
     unpack,
 )
@@ -58,6 +60,7 @@ __all__ = [
     "dequantize_tree",
     "dequantize_with",
     "from_high_nibble_first",
+    "from_hqq",
     "from_planar",
     "int32_safe_in_features",
     "linear",
@@ -78,6 +81,7 @@ __all__ = [
     "scale_limits",
     "sqnr_db",
     "to_high_nibble_first",
+    "to_hqq",
     "to_planar",
     "tree_paths",
     "tree_report",

@@ -373,7 +373,12 @@ def _check_qparams(x_shape, scale, zero_point, group_size, group_axis) -> Blocki
             raise TypeError(
                 f"zero_point must be an integer array; got dtype {dtype_name(zero_point.dtype)}"
             )
-    return plan_from_scale(tuple(x_shape), tuple(scale.shape), group_size, group_axis)
+    scale_shape = tuple(scale.shape)
+    if not scale_shape:
+        # A 0-d scale is per tensor (ONNX QuantizeLinear's scalar scale): the
+        # blocking of a (1, ..., 1) scale; callers reshape it to scale_view_shape.
+        scale_shape = (1,) * len(x_shape)
+    return plan_from_scale(tuple(x_shape), scale_shape, group_size, group_axis)
 
 
 def quantize_with(
@@ -384,7 +389,11 @@ def quantize_with(
     ``scale`` and ``zero_point`` are as returned by :func:`qparams`: the rank of
     ``x``, dimension ``d`` holding ``ceil(n_d / block_d)`` entries. The block
     size along each dimension is ``ceil(n_d / s_d)``; pass ``group_size`` (and
-    ``group_axis``) when a partial last group makes that ambiguous. With
+    ``group_axis``) when a partial last group makes that ambiguous. A 0-d
+    ``scale`` (with a 0-d ``zero_point``, or none) quantizes per tensor, for
+    ``x`` of any rank, as ONNX QuantizeLinear's scalar scale does: the codes
+    equal those given by the scale and zero point reshaped to
+    ``(1,) * x.ndim``. With
     ``zero_point=None`` (symmetric) codes are restricted to ``[-q_max, q_max]``.
     Rounding is half to even; values are clipped before the cast.
 
@@ -398,13 +407,19 @@ def quantize_with(
         integer array shaped like ``x``: int8/uint8 for 2-, 4- and 8-bit types,
         int16/uint16 for 16-bit ones.
 
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> x = np.array([[-1.0, 0.0], [0.5, 1.0]], dtype=np.float32)
+        >>> aq.quantize_with(x, np.asarray(0.5, np.float32), np.asarray(3, np.int8)).tolist()
+        [[1, 3], [4, 5]]
+
     Raises:
         TypeError: non-float ``x`` or ``scale``; non-integer ``zero_point``.
         ValueError: unknown ``dtype``; scale / zero point shapes that do not
-            fit ``x`` or each other; eager mode only: NaN or inf in ``x``, a
-            scale outside ``[lo, hi]`` or not finite, a zero point outside the
-            qtype's range (the message names the offending values and the
-            accepted range).
+            fit ``x`` or each other (a 0-d scale needs a 0-d zero point); eager
+            mode only: NaN or inf in ``x``, a scale outside ``[lo, hi]`` or not
+            finite, a zero point outside the qtype's range (the message names
+            the offending values and the accepted range).
     """
     xp = namespace(x, scale, zero_point)
     _check_float_input(x, xp)
@@ -443,7 +458,9 @@ def dequantize_with(
     Computed in float32 (float64 when ``scale`` or ``dtype`` is float64),
     saturated to the finite range of ``dtype`` and returned in ``dtype``
     (default: float32, or float64 for float64 scales). Block sizes are found as
-    in :func:`quantize_with`. Scales must be finite and in ``[lo, hi]`` for
+    in :func:`quantize_with`, and a 0-d ``scale`` (with a 0-d ``zero_point``,
+    or none) is per tensor for ``codes`` of any rank, the same as a scale of
+    shape ``(1,) * codes.ndim``. Scales must be finite and in ``[lo, hi]`` for
     their dtype and the output dtype: checked eagerly; under ``jax.jit`` they
     are used as given and the result is unspecified when they are invalid.
 

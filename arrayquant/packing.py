@@ -1,11 +1,15 @@
 """Sub-byte storage: pack 1-, 2- and 4-bit codes into bytes, and back.
 
-Layout (the ONNX int4 / int2 layout): along the packed axis, ``8 // bits``
-consecutive values share one byte, the first value in the least-significant
-bits. Value ``i`` of a group sits at bits ``[i * bits, (i + 1) * bits)``.
+Layout: along the packed axis, ``8 // bits`` consecutive values share one
+byte, the first value in the least-significant bits (ONNX int4 / int2's value
+order). Value ``i`` of a group sits at bits ``[i * bits, (i + 1) * bits)``.
 Signed codes are stored as ``bits``-bit two's complement and sign-extended by
-:func:`unpack`. A length that is not a multiple of ``8 // bits`` is padded
-with zero bits; :func:`unpack` takes the original length and drops them.
+:func:`unpack`. Each row along the packed axis is packed on its own: a length
+that is not a multiple of ``8 // bits`` pads the row's last byte with zero
+bits; :func:`unpack` takes the original length and drops them. ONNX packs the
+flattened tensor instead, so the bytes equal ONNX's only when the packed axis
+is the last one (or every later axis has size 1) and its length is a multiple
+of ``8 // bits``, or the tensor is a single row (see docs/packing.md).
 
 Example: the 2-bit values 1, 0, 3, 2 pack into ``0b10_11_00_01 = 177``.
 
@@ -28,6 +32,8 @@ __all__ = [
     "from_high_nibble_first",
     "to_planar",
     "from_planar",
+    "to_hqq",
+    "from_hqq",
 ]
 
 _BITS = (1, 2, 4, 8)
@@ -220,22 +226,25 @@ def from_high_nibble_first(packed):
     return _swap_nibbles(packed)
 
 
-def to_planar(packed, bits: int, length: int, axis: int = -1):
-    """Convert arrayquant-packed bytes to the planar layout along ``axis``.
+def _check_length(length) -> int:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int; got {length!r}")
+    return length
 
-    Planar (optimum-quanto / HQQ style): with ``per = 8 // bits`` and ``R =
-    length / per``, byte ``i`` holds value ``i + k * R`` in bits ``[k * bits,
-    (k + 1) * bits)``: rows ``[0, R)`` fill the low bits, rows ``[R, 2R)`` the
-    next ones, and so on. Values are moved as raw bit patterns (sign is kept).
 
-    Raises:
-        ValueError: ``length`` is not a multiple of ``per``; bad ``bits`` or size.
-    """
+def _plane_shift(k: int, bits: int, high_first: bool) -> int:
+    """Where plane ``k`` starts in a planar byte: low bits first, or high bits first."""
+    return 8 - (k + 1) * bits if high_first else k * bits
+
+
+def _to_planes(packed, bits, length, axis, *, high_first: bool, layout: str):
+    """arrayquant-packed bytes -> planar: plane ``k`` (rows ``[kR, (k+1)R)``) at its shift."""
     bits = _check_bits(bits)
+    length = _check_length(length)
     per = 8 // bits
     if length % per:
         raise ValueError(
-            f"the planar layout needs a length that is a multiple of {per} for {bits}-bit "
+            f"the {layout} layout needs a length that is a multiple of {per} for {bits}-bit "
             f"values; got length {length}"
         )
     xp = namespace(packed)
@@ -243,23 +252,115 @@ def to_planar(packed, bits: int, length: int, axis: int = -1):
     axis = normalize_axis(axis, codes.ndim)
     codes = xp.moveaxis(codes, axis, -1)
     rows = length // per
-    out = codes[..., :rows]
-    for k in range(1, per):
+    out = None
+    for k in range(per):
         plane = codes[..., k * rows : (k + 1) * rows]
-        out = xp.bitwise_or(out, xp.bitwise_left_shift(plane, k * bits))
+        shift = _plane_shift(k, bits, high_first)
+        plane = xp.bitwise_left_shift(plane, shift) if shift else plane
+        out = plane if out is None else xp.bitwise_or(out, plane)
     return xp.moveaxis(out, -1, axis)
 
 
-def from_planar(planar, bits: int, axis: int = -1):
-    """Convert planar bytes (see :func:`to_planar`) back to arrayquant's layout."""
+def _from_planes(planar, bits, axis, *, high_first: bool):
+    """A planar layout -> arrayquant-packed bytes of ``(8 // bits) * planar.shape[axis]`` codes."""
     bits = _check_bits(bits)
     xp = namespace(planar)
     if dtype_name(planar.dtype) != "uint8":
         raise TypeError(f"expected packed uint8 bytes; got dtype {dtype_name(planar.dtype)}")
     axis = normalize_axis(axis, planar.ndim)
     mask = (1 << bits) - 1
-    planes = [
-        xp.bitwise_and(xp.bitwise_right_shift(planar, k * bits) if k else planar, mask)
-        for k in range(8 // bits)
-    ]
+    planes = []
+    for k in range(8 // bits):
+        shift = _plane_shift(k, bits, high_first)
+        planes.append(
+            xp.bitwise_and(xp.bitwise_right_shift(planar, shift) if shift else planar, mask)
+        )
     return pack(xp.concat(planes, axis=axis), bits, axis, _checked=True)
+
+
+def to_planar(packed, bits: int, length: int, axis: int = -1):
+    """Convert arrayquant-packed bytes to the planar, low-bits-first layout along ``axis``.
+
+    Planar, low bits first: with ``per = 8 // bits`` and ``R = length / per``,
+    byte ``i`` holds value ``i + k * R`` in bits ``[k * bits, (k + 1) * bits)``:
+    rows ``[0, R)`` fill the low bits, rows ``[R, 2R)`` the next ones, and so
+    on. This is optimum-quanto's ``pack_weights`` layout (along axis 0) for
+    lengths that are multiples of ``per``; HQQ puts the planes the other way
+    round (see :func:`to_hqq`). Values are moved as raw bit patterns (sign is
+    kept). ``packed`` holds ``length`` codes along ``axis``, as from
+    :func:`pack`; the result has ``R`` bytes there.
+
+    Raises:
+        TypeError: ``packed`` is not uint8.
+        ValueError: ``length`` is not a non-negative multiple of ``per``;
+            ``packed.shape[axis]`` does not fit ``length``; bad ``bits`` or ``axis``.
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> codes = np.array([[1], [2]], np.uint8)
+        >>> hex(int(aq.to_planar(aq.pack(codes, 4, axis=0), 4, 2, axis=0)[0, 0]))
+        '0x21'
+    """
+    return _to_planes(packed, bits, length, axis, high_first=False, layout="planar")
+
+
+def from_planar(planar, bits: int, axis: int = -1):
+    """Convert planar bytes (see :func:`to_planar`) back to arrayquant's layout.
+
+    The result holds ``(8 // bits) * planar.shape[axis]`` codes along ``axis``.
+
+    Raises:
+        TypeError: ``planar`` is not uint8.
+        ValueError: bad ``bits`` or ``axis``.
+    """
+    return _from_planes(planar, bits, axis, high_first=False)
+
+
+def to_hqq(packed, bits: int, length: int, axis: int = 0):
+    """Convert arrayquant-packed bytes to HQQ's uint8 bit-packing layout along ``axis``.
+
+    HQQ (``hqq.core.bitpack.BitPack.pack_4bit_u8``, ``pack_2bit_u8``,
+    ``pack_1bit_u8``) is planar with the *first* plane in the *high* bits:
+    with ``per = 8 // bits`` and ``R = length / per``, byte ``i`` holds value
+    ``i + k * R`` in bits ``[8 - (k + 1) * bits, 8 - k * bits)``. For codes
+    ``W`` of shape ``(per * R, ...)`` packed along axis 0 that is
+    ``W[:R] << 4 | W[R:]`` (4-bit), ``W[:R] << 6 | W[R:2R] << 4 | W[2R:3R] << 2
+    | W[3R:]`` (2-bit) and ``W[:R] << 7 | W[R:2R] << 6 | ... | W[7R:]`` (1-bit),
+    byte for byte; ``bits=8`` is the identity (``pack_8bit_u8``).
+
+    ``packed`` holds ``length`` codes along ``axis`` in arrayquant's layout, as
+    from :func:`pack` (1-bit codes too: arrayquant has no 1-bit qtype, but
+    ``aq.pack(codes, 1, axis)`` packs them). The result has ``R`` bytes along
+    ``axis``. HQQ packs along axis 0 of its (rows, columns) code matrix, hence
+    the default. HQQ's codes are unsigned; signed codes are moved as their
+    raw ``bits``-bit two's complement patterns. Only the codes are converted:
+    HQQ keeps its scales, zero points and shapes in separate metadata.
+
+    Raises:
+        TypeError: ``packed`` is not uint8.
+        ValueError: ``length`` is not a non-negative multiple of ``per`` (HQQ
+            cannot pack other lengths); ``packed.shape[axis]`` does not fit
+            ``length``; bad ``bits`` or ``axis``.
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> codes = np.array([[1], [2]], np.uint8)
+        >>> hex(int(aq.to_hqq(aq.pack(codes, 4, axis=0), 4, 2)[0, 0]))
+        '0x12'
+    """
+    return _to_planes(packed, bits, length, axis, high_first=True, layout="HQQ")
+
+
+def from_hqq(packed, bits: int, axis: int = 0):
+    """Convert HQQ-packed uint8 bytes (see :func:`to_hqq`) to arrayquant's layout.
+
+    The result holds ``(8 // bits) * packed.shape[axis]`` codes along ``axis``,
+    packed as :func:`pack` does; ``aq.unpack(out, bits, n, axis, signed=False)``
+    gives HQQ's unsigned codes (what ``BitPack.unpack_4bit_u8`` and friends
+    return).
+
+    Raises:
+        TypeError: ``packed`` is not uint8.
+        ValueError: bad ``bits`` or ``axis``.
+    """
+    return _from_planes(packed, bits, axis, high_first=True)

@@ -135,6 +135,48 @@ def test_partial_last_group_needs_group_size_for_bare_arrays():
     np.testing.assert_array_equal(x_hat, aq.dequantize(aq.quantize(x, "int4", group_size=32)))
 
 
+@pytest.mark.parametrize("shape", [(), (7,), (4, 6), (2, 3, 5)])
+@pytest.mark.parametrize(("dtype", "sym"), [("int8", False), ("uint4", False), ("int4", True)])
+def test_0d_scale_is_per_tensor(backend, call, shape, dtype, sym):
+    """A 0-d scale and zero point (ONNX QuantizeLinear's scalar form) on x of any rank."""
+    rng = np.random.default_rng(len(shape))
+    x = backend.asarray(rng.standard_normal(shape) * 3, "float32")
+    s, z = call(aq.qparams)(x, dtype, sym)
+    assert s.shape == (1,) * len(shape)
+    s0 = backend.xp.reshape(s, ())
+    z0 = None if z is None else backend.xp.reshape(z, ())
+    q0 = call(aq.quantize_with)(x, s0, z0, dtype)
+    q1 = call(aq.quantize_with)(x, s, z, dtype)
+    codes = backend.to_numpy(q0)
+    assert codes.shape == shape
+    assert codes.dtype == np.dtype(aq.as_qtype(dtype).storage)
+    np.testing.assert_array_equal(codes, backend.to_numpy(q1))
+    np.testing.assert_array_equal(codes, backend.to_numpy(call(aq.quantize)(x, dtype, sym).codes))
+    if shape:  # group_size on a per-tensor scale changes nothing
+        np.testing.assert_array_equal(
+            codes, backend.to_numpy(call(aq.quantize_with)(x, s0, z0, dtype, group_size=2))
+        )
+    d0 = backend.to_numpy(call(aq.dequantize_with)(q0, s0, z0))
+    assert d0.shape == shape and d0.dtype == np.float32
+    np.testing.assert_array_equal(d0, backend.to_numpy(call(aq.dequantize_with)(q1, s, z)))
+
+
+def test_0d_scale_hand_picked_and_shape_errors(backend, call):
+    x = backend.asarray(np.array([[-1.0, 0.0], [0.5, 1.0], [2.5, -6.0]]), "float32")
+    s0 = backend.asarray(np.asarray(0.5), "float32")
+    z0 = backend.asarray(np.asarray(3, np.int8))
+    q = call(aq.quantize_with)(x, s0, z0, "int4")
+    assert backend.to_numpy(q).tolist() == [[1, 3], [4, 5], [7, -8]]  # 8 and -9 clip
+    d = backend.to_numpy(call(aq.dequantize_with)(q, s0, z0, dtype="float32"))
+    np.testing.assert_array_equal(d, [[-1.0, 0.0], [0.5, 1.0], [2.0, -5.5]])
+    z11 = backend.asarray(np.full((1, 1), 3, np.int8))
+    with pytest.raises(ValueError, match=r"zero_point of shape \(1, 1\) does not match scale "
+                                         r"of shape \(\)"):
+        aq.quantize_with(x, s0, z11, "int4")
+    with pytest.raises(ValueError, match=r"zero_point of shape \(\) does not match scale"):
+        aq.dequantize_with(q, backend.xp.reshape(s0, (1, 1)), z0)
+
+
 # ---------------------------------------------------------------- semantics
 
 
