@@ -21,7 +21,22 @@ from jax import lax
 
 from .packing import bit_fields
 
-__all__ = ["int_accumulate"]
+__all__ = ["gemv", "int_accumulate", "int_gemv", "loops_pay_off"]
+
+
+def loops_pay_off() -> bool:
+    """Whether the one-row loops (:func:`gemv`, :func:`int_gemv`) are the right choice.
+
+    On a single CPU device they read the weight once at memory speed (several times
+    faster than contracting dequantized fields there). On GPUs and TPUs every loop
+    iteration is a kernel launch, and with several devices a weight may be sharded
+    along the in axis, where a dynamic slice per group makes XLA move data between
+    devices: there the loop-free ``fields`` / ``jax-dot`` products, which XLA fuses
+    and partitions like a float product, are chosen instead.
+    """
+    import jax
+
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def _signed_fields(data, bits: int, signed: bool):
@@ -103,3 +118,173 @@ def int_accumulate(act, w, wp, zw):
         counts = np.minimum(g, wp.k - g * np.arange(groups)).astype(np.int32)
         acc = acc + (jnp.asarray(counts)[:, None, None] * zx[None]) * zw.T[:, None, :]
     return acc
+
+
+# --------------------------------------------------------------------------- one-row loops
+
+
+def _row_operands(w, wp):
+    """(data (n, L) in the (n, k) layout, per): packed bytes, split into bit fields inside
+    the loop (whole-byte groups), else one code per column."""
+    from .inference import _fields_fit
+
+    if wp.packed_k and _fields_fit(wp):
+        data, per = w.data, wp.per_byte
+    else:
+        data, per = (w.codes if w.packed_axis is not None else w.data), 1
+    return (data.T if wp.kn else data), per
+
+
+def _columns(data, start, width: int, per: int, bits: int, signed: bool, dtype):
+    """``[(r, f)]``: the codes of stored columns ``[start, start + width)`` as ``dtype``, by
+    field: f holds in-columns ``per * start + r, + per, ...`` (``start`` may be traced)."""
+    d = lax.dynamic_slice_in_dim(data, start, width, axis=1)
+    if per == 1:
+        return [(0, d.astype(dtype))]
+    return [(r, f.astype(dtype)) for r, f in enumerate(bit_fields(d, bits, signed=signed))]
+
+
+def _static_tail(data, start: int, length: int, per: int, bits: int, signed: bool, dtype):
+    """As :func:`_columns` for the last, partial unit (static), fields trimmed to ``length``."""
+    d = data[:, start:]
+    if per == 1:
+        return [(0, d[:, :length].astype(dtype))]
+    out = []
+    for r, f in enumerate(bit_fields(d, bits, signed=signed)):
+        n_r = -(-(length - r) // per)
+        if n_r > 0:
+            out.append((r, f[:, :n_r].astype(dtype)))
+    return out
+
+
+def _reduce_fields(products):
+    """``sum`` over columns of the per-field products: added first (one fused reduction)
+    when the fields have equal lengths, else reduced one by one (a partial last byte)."""
+    if len({p.shape[1] for p in products}) == 1:
+        t = products[0]
+        for p in products[1:]:
+            t = t + p
+        return jnp.sum(t, axis=1)
+    return sum(jnp.sum(p, axis=1) for p in products)
+
+
+def _loop_units(total: int, unit: int, per: int, body, init, tail):
+    """``body`` over the ``total // unit`` whole units in a ``fori_loop`` (one traced body,
+    however many units), then ``tail(start, length)`` once for a partial last unit.
+
+    A unit that does not fill whole bytes (one group of ``k`` codes, ``k`` not a
+    multiple of the ``per`` codes per byte) is all tail: one static reduction."""
+    if unit % per:
+        return tail(0, total, init)
+    full = total // unit
+    acc = init
+    if full == 1:
+        acc = body(0, acc)
+    elif full > 1:
+        acc = lax.fori_loop(0, full, body, acc)
+    rest = total - full * unit
+    return acc if rest == 0 else tail(full, rest, acc)
+
+
+def gemv(x2, w, wp, s, z, cdt):
+    """One row, weight-only: ``sum_g s[:, g] * (codes_g @ x_g - z[:, g] * sum(x_g))``.
+
+    A ``fori_loop`` over the groups: each iteration reads one group's stored bytes
+    (a dynamic slice), converts its bit fields and reduces them against the
+    matching columns of ``x`` in one fused loop. The traced program holds one
+    body whatever the number of groups, so compile time does not grow with it
+    (an unrolled loop over 128 groups compiled for 40 s). ``s`` and ``z`` are the
+    (n or 1, G) scales and zero points in ``cdt``.
+    """
+    data, per = _row_operands(w, wp)
+    bits, signed = wp.qt.bits, wp.qt.signed
+    g = min(wp.bk, wp.k)
+    gp = g // per if per > 1 else g
+    x1 = x2[0]
+    xs = [x1[r::per] for r in range(per)]
+
+    def contribution(j, cols, xstart, xlen):
+        products = []
+        for r, c in cols:
+            xr = lax.dynamic_slice_in_dim(xs[r], xstart, c.shape[1]) if not isinstance(
+                xstart, int) else xs[r][xstart:xstart + c.shape[1]]
+            products.append(c * xr)
+        t = _reduce_fields(products)
+        if z is not None:
+            xg = (lax.dynamic_slice_in_dim(x1, j * g, g) if not isinstance(j, int)
+                  else x1[j * g:j * g + xlen])
+            t = t - jnp.sum(xg) * _col(z, j)
+        return t * _col(s, j)
+
+    def body(j, acc):
+        cols = _columns(data, j * gp, gp, per, bits, signed, cdt)
+        return acc + contribution(j, cols, j * gp, g)
+
+    def tail(j, length, acc):
+        cols = _static_tail(data, j * gp, length, per, bits, signed, cdt)
+        return acc + contribution(j, cols, j * gp, length)
+
+    acc = _loop_units(wp.k, g, per, body, jnp.zeros((wp.n,), cdt), tail)
+    return acc[None, :]
+
+
+def _col(a, j):
+    """Column ``j`` (static or traced) of an (n or 1, G) array, as (n,) or (1,)."""
+    if isinstance(j, int):
+        return a[:, j]
+    return lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
+
+
+def int_gemv(act, w, wp, zw, chunk: int):
+    """One row, integer: the exact int32 sums ``sum (qw - zw)(qx - zx)`` per weight group,
+    shape (G, 1, n), in a ``fori_loop`` over units of at most ``chunk`` columns.
+
+    Each unit is reduced in float32, where its sums are exact integers (``chunk``
+    keeps every partial sum within 2**24), then converted to int32 and added to
+    its group's sum in int32. A unit is one group when groups fit in ``chunk``;
+    else ``chunk`` columns of the only group, or the largest divisor of the group
+    size that fits, so that no unit straddles two groups.
+    """
+    data, per = _row_operands(w, wp)
+    bits, signed = wp.qt.bits, wp.qt.signed
+    f32 = jnp.float32
+    g = min(wp.bk, wp.k)
+    if g <= chunk:
+        unit = g
+    elif wp.groups == 1:
+        unit = chunk
+    else:
+        unit = max(d for d in range(per, chunk + 1, per) if g % d == 0)
+    up = unit // per if per > 1 else unit
+    x1 = act.codes[0]
+    zx = None if act.zero_point is None else act.zero_point.reshape(()).astype(f32)
+    xs = [x1[r::per].astype(f32) for r in range(per)]
+    zf = None if zw is None else zw.astype(f32)  # (n or 1, G)
+
+    def unit_sum(u, cols, start):
+        j = u * unit // g  # the unit's group (traced or static)
+        products = []
+        for r, c in cols:
+            xr = (xs[r][start:start + c.shape[1]] if isinstance(start, int)
+                  else lax.dynamic_slice_in_dim(xs[r], start, c.shape[1]))
+            xr = xr if zx is None else xr - zx
+            c = c if zf is None else c - _col(zf, j)[:, None]
+            products.append(c * xr)
+        return j, _reduce_fields(products).astype(jnp.int32)
+
+    def add(acc, j, v):
+        if isinstance(j, int):
+            return acc.at[j].add(v)
+        return lax.dynamic_update_index_in_dim(acc, lax.dynamic_index_in_dim(acc, j, 0, False)
+                                               + v, j, 0)
+
+    def body(u, acc):
+        j, v = unit_sum(u, _columns(data, u * up, up, per, bits, signed, f32), u * up)
+        return add(acc, j, v)
+
+    def tail(u, length, acc):
+        j, v = unit_sum(u, _static_tail(data, u * up, length, per, bits, signed, f32), u * up)
+        return add(acc, j, v)
+
+    acc = _loop_units(wp.k, unit, per, body, jnp.zeros((wp.groups, wp.n), jnp.int32), tail)
+    return acc[:, None, :]

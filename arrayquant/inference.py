@@ -43,8 +43,12 @@ INT32_MAX = 2**31 - 1
 _SLAB_MAX_ROWS = 4
 #: Bytes of float32 weight per slab: one slab plus its scaled copy stay in L2.
 _SLAB_BYTES = 1 << 20
-#: The one-row formulations unroll a reduction per group (and per chunk).
-_GEMV_MAX_GROUPS = 256
+
+
+def _jax_loops_pay_off() -> bool:
+    from ._jax_matmul import loops_pay_off
+
+    return loops_pay_off()
 
 
 # --------------------------------------------------------------------------- static plans
@@ -462,6 +466,10 @@ def _gemv_product(x2, w: QArray, wp: _WeightPlan, cdt, xp):
     10 to 20 times slower). Measurements: docs/inference.md.
     """
     s, z = _scales_f(w, wp, cdt, xp)
+    if is_jax(xp):  # traced: one loop body, not one reduction per group
+        from ._jax_matmul import gemv
+
+        return gemv(x2, w, wp, s, z, cdt)
     xv = xp.reshape(x2, (wp.k,))
     sums, xsums = [], []
     for _, c0, c1 in _group_bounds(wp):
@@ -496,7 +504,7 @@ def _weight_only_formulation(m: int, wp: _WeightPlan, xp) -> str:
     """Static choice of the weight-only formulation, from the measurements in
     docs/inference.md (NumPy and XLA on CPU, XLA on an H100)."""
     if is_jax(xp):
-        if m == 1 and not wp.kn and not wp.packed_n and wp.groups <= _GEMV_MAX_GROUPS:
+        if m == 1 and not wp.kn and not wp.packed_n and _jax_loops_pay_off():
             return "gemv"
         if _fields_fit(wp):
             return "fields"
@@ -635,6 +643,10 @@ def _int_gemv_accumulate(act: _Act, w: QArray, wp: _WeightPlan, zw, xp):
         wp.qt, wp.symmetric)
     per = wp.per_byte if wp.packed_k and _fields_fit(wp) else 1
     chunk = max(per, ((1 << 24) // per_term) // per * per)
+    if is_jax(xp):  # traced: one loop body, not one reduction per chunk
+        from ._jax_matmul import int_gemv
+
+        return int_gemv(act, w, wp, zw, chunk)
     f32 = xp.float32
     x1 = xp.reshape(act.codes, (wp.k,))
     zx = None if act.zero_point is None else xp.astype(xp.reshape(act.zero_point, (1,)), f32)
@@ -668,7 +680,7 @@ _INTEGER_FORMULATIONS = {
 def _integer_formulation(m: int, wp: _WeightPlan, xp) -> str:
     """Static choice of the integer formulation (measured: docs/inference.md)."""
     if is_jax(xp):
-        gemv = m == 1 and not wp.kn and not wp.packed_n and wp.groups <= _GEMV_MAX_GROUPS
+        gemv = m == 1 and not wp.kn and not wp.packed_n and _jax_loops_pay_off()
         return "int-gemv" if gemv else "jax-dot"
     if is_numpy(xp):
         return "float-exact"

@@ -11,6 +11,7 @@
 #   test_matmul_jax.txt         tests/test_matmul.py on jax and jax-jit
 #   gpu_bitexact.txt            NumPy vs GPU codes and scales
 #   matmul_jax_gpu.md           benchmarks/matmul.py --backends jax --large
+#   compile_gpu.md              benchmarks/compile.py
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -34,11 +35,14 @@ timeout 120 python3 benchmarks/int_accumulation_check.py --cases 60 --dump "$OUT
     > "$OUT/int_accumulation_check.txt" 2>&1
 echo "int_accumulation_check: exit $?"
 # Float reference checks need full float32 products (the GPU default is TF32).
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT 180 python3 -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider \
     -rf --tb=short -k "jax" tests/test_matmul.py > "$OUT/test_matmul_jax.txt" 2>&1
 echo "test_matmul (jax): exit $?"
 timeout 45 python3 benchmarks/gpu_bitexact.py > "$OUT/gpu_bitexact.txt" 2>&1
 echo "gpu_bitexact: exit $?"
-timeout 150 python3 benchmarks/matmul.py --backends jax --large > "$OUT/matmul_jax_gpu.md" 2>&1
+timeout 120 python3 benchmarks/matmul.py --backends jax --large > "$OUT/matmul_jax_gpu.md" 2>&1
 echo "matmul benchmark: exit $?"
+# Compile time on the GPU, where `auto` picks the loop-free formulations (docs/inference.md).
+timeout 60 python3 benchmarks/compile.py > "$OUT/compile_gpu.md" 2>&1
+echo "compile benchmark: exit $?"
 tail -n 3 "$OUT/int_accumulation_check.txt" "$OUT/test_matmul_jax.txt"
