@@ -74,6 +74,16 @@ def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params):
         np.clip(tmp, lo_q, hi_q, out=tmp)
         codes[i : i + rows] = tmp
 
+    def whole_array_error(e: ValueError):
+        """A slab's error, worded for the whole array (the largest scale any block needs)."""
+        rmin = (v.min(axis=red, keepdims=True) if red else v).astype(cdt)
+        rmax = (v.max(axis=red, keepdims=True) if red else v).astype(cdt)
+        try:
+            params(rmin, rmax)
+        except ValueError as whole:
+            return whole
+        return e
+
     if 0 not in red:
         # Blocks never cross the first axis: each slab holds whole blocks.
         for i in range(0, n0, rows):
@@ -81,7 +91,10 @@ def qparams_and_codes(x, qt, symmetric, b: Blocking, sdt, want_codes, params):
             rmin = xs.min(axis=red, keepdims=True) if red else xs
             rmax = xs.max(axis=red, keepdims=True) if red else xs
             _finite_or_raise(rmin, rmax)
-            s, z, z_int = params(rmin, rmax)
+            try:
+                s, z, z_int = params(rmin, rmax)
+            except ValueError as e:
+                raise whole_array_error(e) from None
             s_all[i : i + rows] = s
             if z is not None:
                 z_all[i : i + rows] = z_int

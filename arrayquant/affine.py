@@ -45,8 +45,6 @@ The semantics, in one place:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np  # only for np.errstate: overflow to inf is intended, then clipped
 
 from ._backend import (
@@ -84,63 +82,88 @@ def _check_float_input(x, xp) -> None:
         )
 
 
+def _eager(value) -> float | None:
+    """``value`` (a 0-d reduction result) as a Python float, or None under a trace.
+
+    The test is on the *result*: inside ``jax.jit`` an array captured from outside
+    is concrete, but a reduction of it is staged into the trace (a tracer).
+    """
+    return float(value) if is_concrete(value) else None
+
+
+def _fmt(*values: float) -> list[str]:
+    """Short forms (6 significant digits) unless that makes distinct values look equal."""
+    def same(v, w):
+        return v == w or (v != v and w != w)  # NaN prints as itself
+
+    for digits in (6, 9, 17):
+        out = [f"{v:.{digits}g}" for v in values]
+        if all(same(v, w) for v, a in zip(values, out) for w, b in zip(values, out) if a == b):
+            return out
+    return out
+
+
 def _raise_if_not_finite(xp, *arrays, what: str = "x") -> None:
-    """Eager-only check (skipped for JAX tracers): NaN or inf raises ValueError."""
+    """Eager-only check (skipped under a trace): NaN or inf raises ValueError."""
     for a in arrays:
-        if a is None or not is_concrete(a):
+        if a is None or _eager(xp.all(xp.isfinite(a))) in (None, 1.0):
             continue
-        if not bool(xp.all(xp.isfinite(a))):
-            raise ValueError(
-                f"{what} holds NaN or infinite values; quantization needs finite input "
-                "(under jax.jit this check cannot run: see arrayquant.check_finite)"
-            )
+        raise ValueError(
+            f"{what} holds NaN or infinite values; quantization needs finite input "
+            "(under jax.jit this check cannot run: see arrayquant.check_finite)"
+        )
 
 
 def _raise_if_scale_above_cap(s, hi: float, qt: QType, sdt, cdt, xp) -> None:
     """Eager-only: a block whose scale (before clipping) exceeds ``hi`` would saturate."""
-    if not is_concrete(s):
-        return
-    need = float(xp.max(s))
-    if need <= hi:
+    need = _eager(xp.max(s))
+    if need is None or need <= hi:
         return
     sname, cname = dtype_name(sdt), dtype_name(cdt)
     if sname in ("float16", "bfloat16") and need <= scale_limits("float32", cdt)[1]:
         fix = "use scale_dtype='float32'"
     elif cname != "float64":
-        fix = "quantize x.astype(float64) with scale_dtype='float64'"
+        fix = ("quantize x.astype(float64) with scale_dtype='float64' (on JAX, with "
+               "jax_enable_x64)")
     elif sname != "float64" and need <= scale_limits("float64", cdt)[1]:
         fix = "use scale_dtype='float64'"
     else:
         fix = f"use a qtype with more bits than {qt.name}"
+    need_s, hi_s = _fmt(need, hi)
     raise ValueError(
-        f"x needs a scale of up to {need:.6g} for {qt.name} codes, above {hi:.6g}, the "
+        f"x needs a scale of up to {need_s} for {qt.name} codes, above {hi_s}, the "
         f"largest {sname} scale (with {cname} arithmetic): values of that block would "
         f"saturate; {fix}"
     )
 
 
-def _raise_if_bad_qparams(xp, scale, zero_point, value_dtype, qt: QType | None) -> None:
-    """Eager-only: scales finite and in ``scale_limits``, zero points in ``qt``'s range."""
-    if is_concrete(scale):
-        lo, hi = scale_limits(scale.dtype, value_dtype)
-        sc = xp.astype(scale, compute_dtype(xp, scale.dtype))  # exact; NumPy reduces bfloat16
-        smin, smax = float(xp.min(sc)), float(xp.max(sc))  # NaN propagates through both
-        where = (
-            f"{dtype_name(scale.dtype)} scales with {dtype_name(value_dtype)} values must be "
-            f"finite and in [{lo:.6g}, {hi:.6g}]"
+def _raise_if_bad_qparams(xp, scale, zero_point, limits, what: str, qt: QType | None) -> None:
+    """Eager-only: scales finite and within ``limits``, zero points in ``qt``'s range.
+
+    One device sync in the normal case (a count of offending values); the smallest
+    and largest values are looked up only to word the error.
+    """
+    lo, hi = limits
+    sc = xp.astype(scale, compute_dtype(xp, scale.dtype))  # exact; NumPy reduces bfloat16
+    bad = _eager(xp.sum(xp.astype(xp.logical_not((sc >= lo) & (sc <= hi)), xp.int32)))
+    if bad:
+        smin, smax = float(xp.min(sc)), float(xp.max(sc))
+        smin_s, smax_s, lo_s, hi_s = _fmt(smin, smax, lo, hi)
+        where = f"{what} must be finite and in [{lo_s}, {hi_s}]"
+        nonfinite = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(sc)), xp.int32)))
+        if nonfinite:
+            raise ValueError(f"scale holds {nonfinite} NaN or infinite values; {where}")
+        raise ValueError(f"scale holds values from {smin_s} to {smax_s}; {where}")
+    if zero_point is None or qt is None:
+        return
+    zi = xp.astype(zero_point, xp.int32)  # compare without overflowing the storage dtype
+    outside = _eager(xp.sum(xp.astype((zi < qt.qmin) | (zi > qt.qmax), xp.int32)))
+    if outside:
+        zmin, zmax = int(xp.min(zi)), int(xp.max(zi))
+        raise ValueError(
+            f"zero_point holds values from {zmin} to {zmax}; {qt.name} zero points must "
+            f"be in [{qt.qmin}, {qt.qmax}]"
         )
-        if not (math.isfinite(smin) and math.isfinite(smax)):
-            n = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(sc)), xp.int32)))
-            raise ValueError(f"scale holds {n} NaN or infinite values; {where}")
-        if smin < lo or smax > hi:
-            raise ValueError(f"scale holds values from {smin:.6g} to {smax:.6g}; {where}")
-    if zero_point is not None and qt is not None and is_concrete(zero_point):
-        zmin, zmax = int(xp.min(zero_point)), int(xp.max(zero_point))
-        if zmin < qt.qmin or zmax > qt.qmax:
-            raise ValueError(
-                f"zero_point holds values from {zmin} to {zmax}; {qt.name} zero points must "
-                f"be in [{qt.qmin}, {qt.qmax}]"
-            )
 
 
 # --------------------------------------------------------------------------- views
@@ -425,8 +448,15 @@ def quantize_with(
     _check_float_input(x, xp)
     qt = as_qtype(dtype)
     b = _check_qparams(x.shape, scale, zero_point, group_size, group_axis)
+    if zero_point is None and not qt.signed:
+        raise ValueError(
+            f"zero_point=None (symmetric) needs a signed dtype: {qt.name} codes would clip "
+            f"every negative value to 0; pass the zero point, or use {qt.name[1:]}"
+        )
     _raise_if_not_finite(xp, x)
-    _raise_if_bad_qparams(xp, scale, zero_point, x.dtype, qt)
+    _raise_if_bad_qparams(
+        xp, scale, zero_point, scale_limits(scale.dtype, x.dtype),
+        f"{dtype_name(scale.dtype)} scales with {dtype_name(x.dtype)} values", qt)
     cdt = compute_dtype(xp, x.dtype)
     xv = _to_view(xp.astype(x, cdt), b, xp)
     s = xp.reshape(scale, b.scale_view_shape)
@@ -477,7 +507,12 @@ def dequantize_with(
         )
     b = _check_qparams(codes.shape, scale, zero_point, group_size, group_axis)
     out_dtype = compute_dtype(xp, scale.dtype) if dtype is None else float_dtype(xp, dtype)
-    _raise_if_bad_qparams(xp, scale, None, out_dtype, None)
+    # No reciprocal here, and the result saturates: any normal finite scale is fine, as
+    # long as the products stay normal in the compute dtype (XLA flushes subnormals).
+    tiny_s, big_s = finfo_limits(scale.dtype)
+    tiny_c = finfo_limits(compute_dtype(xp, scale.dtype))[0]
+    _raise_if_bad_qparams(xp, scale, None, (max(tiny_s, tiny_c), big_s),
+                          f"{dtype_name(scale.dtype)} scales", None)
     return _dequantize_codes(codes, scale, zero_point, b, out_dtype, xp)
 
 

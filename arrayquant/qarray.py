@@ -44,7 +44,7 @@ def _int_tuple(value, field: str) -> tuple[int, ...]:
 
 def _check_array(a, field: str, shape: tuple[int, ...], dtypes: tuple[str, ...], why: str):
     if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-        return
+        raise TypeError(f"QArray {field} must be an array, got {type(a).__name__}")
     if tuple(a.shape) != shape:
         raise ValueError(f"QArray {field} has shape {tuple(a.shape)}; expected {shape} ({why})")
     if dtype_name(a.dtype) not in dtypes:
@@ -113,21 +113,23 @@ class QArray:
             _check_array(self.data, "data", data_shape, ("uint8",),
                          f"{why}, packed along axis {packed}")
         _check_array(self.scale, "scale", b.scale_shape, _FLOATS, why)
-        _check_array(self.zero_point, "zero_point", b.scale_shape, (qt.storage,), why)
+        if self.zero_point is not None:
+            _check_array(self.zero_point, "zero_point", b.scale_shape, (qt.storage,), why)
 
     def _check_static(self) -> QType:
         """Check and normalize the static fields; return the qtype."""
-        if not isinstance(self.qtype, str):
-            raise TypeError(f"QArray qtype={self.qtype!r} must be a name, one of {QTYPE_NAMES}")
-        if self.qtype not in QTYPE_NAMES:
-            raise ValueError(f"QArray qtype={self.qtype!r} is not one of {QTYPE_NAMES}")
-        qt = as_qtype(self.qtype)
+        try:
+            qt = as_qtype(self.qtype)  # a name, or an integer dtype (np.int8, jnp.uint4)
+        except ValueError:
+            raise ValueError(f"QArray qtype={self.qtype!r} is not one of {QTYPE_NAMES} (or an "
+                             "equivalent integer dtype)") from None
         shape = _int_tuple(self.shape, "shape")
         if min(shape, default=1) <= 0:
             raise ValueError(
                 f"QArray shape={shape} holds no element; expected sizes >= 1 (or shape ())"
             )
-        dtype = self.dtype if isinstance(self.dtype, str) else dtype_name(self.dtype)
+        dtype = (self.dtype if isinstance(self.dtype, str)
+                 else None if self.dtype is None else dtype_name(self.dtype))
         if dtype not in _FLOATS:
             raise TypeError(f"QArray dtype={self.dtype!r} must be one of {_FLOATS}")
         block = _int_tuple(self.block_shape, "block_shape")
@@ -155,8 +157,8 @@ class QArray:
             raise ValueError(
                 f"QArray zero_point=None (symmetric) needs a signed qtype, not {qt.name}"
             )
-        for name, value in (("shape", shape), ("dtype", dtype), ("block_shape", block),
-                            ("packed_axis", axis)):
+        for name, value in (("qtype", qt.name), ("shape", shape), ("dtype", dtype),
+                            ("block_shape", block), ("packed_axis", axis)):
             object.__setattr__(self, name, value)
         return qt
 

@@ -411,6 +411,8 @@ def test_non_finite_input_raises_eagerly(backend, bad):
 
 LIMITS_F32 = (r"float32 scales with float32 values must be finite and in "
               r"\[4.70198e-38, 8.50706e\+37\]")
+# dequantize_with takes no reciprocal and saturates: any normal, finite scale.
+DEQ_LIMITS_F32 = r"float32 scales must be finite and in \[1.17549e-38, 3.40282e\+38\]"
 
 
 @pytest.mark.parametrize(
@@ -437,9 +439,13 @@ def test_invalid_scales_raise_eagerly(backend, bad, match):
     codes = backend.asarray(np.zeros((3, 4), np.int8))
     with pytest.raises(ValueError, match=match + LIMITS_F32):
         aq.quantize_with(x, s, z)
-    with pytest.raises(ValueError, match=match + LIMITS_F32):
+    if bad == 1e38:  # fine for dequantize_with: no reciprocal, and the result saturates
+        out = backend.to_numpy(aq.dequantize_with(codes, s, z))
+        assert np.all(np.isfinite(out))
+        return
+    with pytest.raises(ValueError, match=match + DEQ_LIMITS_F32):
         aq.dequantize_with(codes, s, z)
-    with pytest.raises(ValueError, match=match + LIMITS_F32):
+    with pytest.raises(ValueError, match=match + DEQ_LIMITS_F32):
         aq.dequantize_with(codes, s, None, dtype="float32")
 
 
@@ -453,12 +459,12 @@ def test_scale_limits_follow_the_scale_and_value_dtypes(backend):
                                              r"and in \[6.10352e-05, 65504\]"):
             aq.quantize_with(x16, tiny16, None)
     if "float64" in backend.float_dtypes():
-        # A float64 scale of 1e-300 is fine for float64 values, not for a float32 result.
+        # A float64 scale of 1e-300 is fine for float64 values, not for float32 ones.
         s = backend.asarray(np.full((2, 1), 1e-300), "float64")
         codes = backend.asarray(np.ones((2, 4), np.int8))
         assert backend.to_numpy(aq.dequantize_with(codes, s)).dtype == np.float64
         with pytest.raises(ValueError, match=r"float64 scales with float32 values"):
-            aq.dequantize_with(codes, s, dtype="float32")
+            aq.quantize_with(x16, s, None)
 
 
 def test_zero_points_outside_the_qtype_raise_eagerly(backend):
@@ -494,7 +500,9 @@ def test_invalid_qparams_give_the_same_error_on_every_eager_backend():
         messages.add(str(e.value))
     assert messages == {
         "scale holds values from -2 to 0.01; float32 scales with float32 values must be "
-        "finite and in [4.70198e-38, 8.50706e+37]"
+        "finite and in [4.70198e-38, 8.50706e+37]",
+        "scale holds values from -2 to 0.01; float32 scales must be finite and in "
+        "[1.17549e-38, 3.40282e+38]",
     }
 
 
@@ -681,3 +689,58 @@ def test_static_python_config_only():
     assert p1 is aq.affine.plan((4, 8), None, 4, -1)
     assert p1.scale_shape == (4, 2) and p1.block == (1, 4)
     assert math.prod(p1.view_shape) == 32
+
+
+# ---------------------------------------------------------------- review regressions
+
+
+def test_checks_skip_constants_captured_by_jit():
+    """Scales computed outside a jitted function are concrete inside it, but a reduction
+    of them is traced: the eager checks must skip, not fail to concretize."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    s, z = aq.qparams(x, "int8", axis=0)
+    sj, zj, xj = jnp.asarray(s), jnp.asarray(z), jnp.asarray(x)
+    codes = aq.quantize_with(x, s, z)
+    ref = aq.dequantize_with(codes, s, z)
+    out = jax.jit(lambda c: aq.dequantize_with(c, sj, zj))(jnp.asarray(codes))
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: aq.quantize_with(v, sj, zj))(xj)),
+                                  codes)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda s_: aq.quantize_with(xj, s_, zj))(sj)),
+                                  codes)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda: aq.quantize_with(xj, sj, zj))()),
+                                  codes)
+
+
+def test_dequantize_with_accepts_what_qparams_gave_float64_input():
+    x = np.array([[0.0, 0, 0], [1, -2, 3]])  # float64; an all-zero block gets the smallest scale
+    s, z = aq.qparams(x, "int8", axis=0)
+    c = aq.quantize_with(x, s, z)
+    out = aq.dequantize_with(c, s, z)
+    assert np.max(np.abs(out - x)) <= float(np.max(s)) / 2 + 1e-6
+
+
+def test_quantize_with_refuses_symmetric_unsigned():
+    x = np.linspace(-1, 1, 4, dtype=np.float32)
+    with pytest.raises(ValueError, match="zero_point=None .symmetric. needs a signed dtype"):
+        aq.quantize_with(x, np.float32(0.1) * np.ones(1, np.float32), None, "uint8")
+
+
+def test_the_cap_error_names_the_largest_scale_of_every_slab():
+    """The NumPy fast path works slab by slab: the error must still name the largest scale
+    of the whole array, as the generic path does."""
+    x = np.zeros((20000, 64), np.float32)
+    x[0, 0], x[15000, 0] = 1e10, 1e12
+    messages = []
+    for fast in (True, False):
+        old = aq.affine._USE_NUMPY_FAST_PATH
+        aq.affine._USE_NUMPY_FAST_PATH = fast
+        try:
+            with pytest.raises(ValueError) as e:
+                aq.quantize(x, "int8", axis=0, scale_dtype="float16")
+        finally:
+            aq.affine._USE_NUMPY_FAST_PATH = old
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and "3.92157e+09" in messages[0], messages

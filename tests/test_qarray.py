@@ -101,7 +101,10 @@ def _parts():
     ("change", "error", "match"),
     [
         ({"qtype": "int3"}, ValueError, r"qtype='int3' is not one of"),
-        ({"qtype": np.int8}, TypeError, r"qtype=<class 'numpy.int8'> must be a name"),
+        ({"qtype": np.float32}, ValueError, r"qtype=<class 'numpy.float32'> is not one of"),
+        ({"dtype": None}, TypeError, r"dtype=None must be one of"),
+        ({"scale": None}, TypeError, r"scale must be an array, got NoneType"),
+        ({"data": [[1, 2, 3]] * 4}, TypeError, r"data must be an array, got list"),
         ({"shape": (4, 0)}, ValueError, r"shape=\(4, 0\) holds no element"),
         ({"shape": (-4, -6)}, ValueError, r"shape=\(-4, -6\) holds no element"),
         ({"shape": (4, 6.0)}, TypeError, r"shape=\(4, 6.0\) must be a tuple of ints"),
@@ -170,3 +173,10 @@ def test_jax_rebuilds_qarrays_from_any_leaves():
     assert vq4.data.shape == (3, 4, 3)
     np.testing.assert_array_equal(jax.vmap(aq.dequantize)(vq4)[1], aq.dequantize(
         aq.quantize(xs[1], "int4", group_size=3)))
+
+
+def test_a_qtype_given_as_an_integer_dtype_is_normalized_to_its_name():
+    codes = np.zeros((2, 3), np.int8)
+    qa = aq.QArray(codes, np.ones((1, 1), np.float32), None, np.int8, (2, 3), np.float32, (2, 3))
+    assert qa.qtype == "int8" and qa.dtype == "float32"
+    np.testing.assert_array_equal(aq.dequantize(qa), np.zeros((2, 3), np.float32))
