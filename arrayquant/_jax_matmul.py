@@ -135,20 +135,13 @@ def _row_operands(w, wp):
     return (data.T if wp.kn else data), per
 
 
-def _columns(data, start, width: int, per: int, bits: int, signed: bool, dtype):
-    """``[(r, f)]``: the codes of stored columns ``[start, start + width)`` as ``dtype``, by
-    field: f holds in-columns ``per * start + r, + per, ...`` (``start`` may be traced)."""
-    d = lax.dynamic_slice_in_dim(data, start, width, axis=1)
+def _columns(data, start, length: int, per: int, bits: int, signed: bool, dtype):
+    """``[(r, f)]``: in-columns ``[per * start, per * start + length)`` as ``dtype``, by field:
+    ``f`` holds columns ``per * start + r, + per, ...``. ``start`` counts stored columns and
+    may be traced; ``length`` is static (a partial last unit holds fewer codes)."""
+    d = lax.dynamic_slice_in_dim(data, start, -(-length // per), axis=1)
     if per == 1:
         return [(0, d.astype(dtype))]
-    return [(r, f.astype(dtype)) for r, f in enumerate(bit_fields(d, bits, signed=signed))]
-
-
-def _static_tail(data, start: int, length: int, per: int, bits: int, signed: bool, dtype):
-    """As :func:`_columns` for the last, partial unit (static), fields trimmed to ``length``."""
-    d = data[:, start:]
-    if per == 1:
-        return [(0, d[:, :length].astype(dtype))]
     out = []
     for r, f in enumerate(bit_fields(d, bits, signed=signed)):
         n_r = -(-(length - r) // per)
@@ -170,7 +163,7 @@ def _reduce_fields(products):
 
 def _loop_units(total: int, unit: int, per: int, body, init, tail):
     """``body`` over the ``total // unit`` whole units in a ``fori_loop`` (one traced body,
-    however many units), then ``tail(start, length)`` once for a partial last unit.
+    however many units), then ``tail(index, length, acc)`` once for a partial last unit.
 
     A unit that does not fill whole bytes (one group of ``k`` codes, ``k`` not a
     multiple of the ``per`` codes per byte) is all tail: one static reduction."""
@@ -203,35 +196,24 @@ def gemv(x2, w, wp, s, z, cdt):
     x1 = x2[0]
     xs = [x1[r::per] for r in range(per)]
 
-    def contribution(j, cols, xstart, xlen):
-        products = []
-        for r, c in cols:
-            xr = lax.dynamic_slice_in_dim(xs[r], xstart, c.shape[1]) if not isinstance(
-                xstart, int) else xs[r][xstart:xstart + c.shape[1]]
-            products.append(c * xr)
-        t = _reduce_fields(products)
+    def group(j, length, acc):
+        start = j * gp
+        cols = _columns(data, start, length, per, bits, signed, cdt)
+        t = _reduce_fields([c * lax.dynamic_slice_in_dim(xs[r], start, c.shape[1])
+                            for r, c in cols])
         if z is not None:
-            xg = (lax.dynamic_slice_in_dim(x1, j * g, g) if not isinstance(j, int)
-                  else x1[j * g:j * g + xlen])
-            t = t - jnp.sum(xg) * _col(z, j)
-        return t * _col(s, j)
+            t = t - jnp.sum(lax.dynamic_slice_in_dim(x1, j * g, length)) * _col(z, j)
+        return acc + t * _col(s, j)
 
     def body(j, acc):
-        cols = _columns(data, j * gp, gp, per, bits, signed, cdt)
-        return acc + contribution(j, cols, j * gp, g)
+        return group(j, g, acc)
 
-    def tail(j, length, acc):
-        cols = _static_tail(data, j * gp, length, per, bits, signed, cdt)
-        return acc + contribution(j, cols, j * gp, length)
-
-    acc = _loop_units(wp.k, g, per, body, jnp.zeros((wp.n,), cdt), tail)
+    acc = _loop_units(wp.k, g, per, body, jnp.zeros((wp.n,), cdt), group)
     return acc[None, :]
 
 
 def _col(a, j):
     """Column ``j`` (static or traced) of an (n or 1, G) array, as (n,) or (1,)."""
-    if isinstance(j, int):
-        return a[:, j]
     return lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)
 
 
@@ -261,30 +243,20 @@ def int_gemv(act, w, wp, zw, chunk: int):
     xs = [x1[r::per].astype(f32) for r in range(per)]
     zf = None if zw is None else zw.astype(f32)  # (n or 1, G)
 
-    def unit_sum(u, cols, start):
-        j = u * unit // g  # the unit's group (traced or static)
+    def part(u, length, acc):
+        start, j = u * up, u * unit // g  # stored column, and the unit's group
         products = []
-        for r, c in cols:
-            xr = (xs[r][start:start + c.shape[1]] if isinstance(start, int)
-                  else lax.dynamic_slice_in_dim(xs[r], start, c.shape[1]))
+        for r, c in _columns(data, start, length, per, bits, signed, f32):
+            xr = lax.dynamic_slice_in_dim(xs[r], start, c.shape[1])
             xr = xr if zx is None else xr - zx
             c = c if zf is None else c - _col(zf, j)[:, None]
             products.append(c * xr)
-        return j, _reduce_fields(products).astype(jnp.int32)
-
-    def add(acc, j, v):
-        if isinstance(j, int):
-            return acc.at[j].add(v)
-        return lax.dynamic_update_index_in_dim(acc, lax.dynamic_index_in_dim(acc, j, 0, False)
-                                               + v, j, 0)
+        v = _reduce_fields(products).astype(jnp.int32)
+        return lax.dynamic_update_index_in_dim(
+            acc, lax.dynamic_index_in_dim(acc, j, 0, keepdims=False) + v, j, 0)
 
     def body(u, acc):
-        j, v = unit_sum(u, _columns(data, u * up, up, per, bits, signed, f32), u * up)
-        return add(acc, j, v)
+        return part(u, unit, acc)
 
-    def tail(u, length, acc):
-        j, v = unit_sum(u, _static_tail(data, u * up, length, per, bits, signed, f32), u * up)
-        return add(acc, j, v)
-
-    acc = _loop_units(wp.k, unit, per, body, jnp.zeros((wp.groups, wp.n), jnp.int32), tail)
+    acc = _loop_units(wp.k, unit, per, body, jnp.zeros((wp.groups, wp.n), jnp.int32), part)
     return acc[:, None, :]

@@ -45,7 +45,6 @@ NAME_TO_ST = {v: k for k, v in ST_TO_NAME.items()}
 #: The largest header arrayquant reads (the safetensors package's own limit).
 MAX_HEADER_BYTES = 100_000_000
 DIGEST_PREFIX = "sha256:"
-_DIGEST_LEN = len(DIGEST_PREFIX) + 64
 
 
 class CheckpointError(ValueError):
@@ -67,9 +66,13 @@ def _raw_bytes(a: np.ndarray) -> memoryview:
     return memoryview(little_endian(a).reshape(-1).view(np.uint8))
 
 
-def digest(a: np.ndarray) -> str:
-    """``"sha256:<hex>"`` of the bytes a tensor occupies in the file."""
-    return DIGEST_PREFIX + hashlib.sha256(_raw_bytes(a)).hexdigest()
+def digest(a) -> str:
+    """``"sha256:<hex>"`` of an array's bytes in the file, or of a bytes-like object."""
+    return _named(hashlib.sha256(_raw_bytes(a) if isinstance(a, np.ndarray) else a))
+
+
+def _named(h) -> str:
+    return DIGEST_PREFIX + h.hexdigest()
 
 
 def canonical_json(obj) -> str:
@@ -221,12 +224,12 @@ class StreamWriter:
             )
         raw = _raw_bytes(a)
         if len(raw) < 1 << 20:
-            self._digests[name] = DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
+            self._digests[name] = digest(raw)
             self._fh.write(raw)
         else:  # hashlib and the write both release the GIL: take the digest meanwhile
             hashed = self._pool().submit(hashlib.sha256, raw)
             self._fh.write(raw)
-            self._digests[name] = DIGEST_PREFIX + hashed.result().hexdigest()
+            self._digests[name] = _named(hashed.result())
         self._next += 1
 
     def _pool(self):

@@ -97,7 +97,6 @@ _META_KEY = "arrayquant"
 # one damaged byte in either key cannot make a checkpoint read as a plain file.
 _FORMAT_KEY = "format"
 _ROLES = ("data", "scale", "zero_point")
-_ST_TO_NAME, _NAME_TO_ST, _np_dtype = ST_TO_NAME, NAME_TO_ST, np_dtype
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 _ARRAY_KEYS = ("path", "kind", "tensor")
 _QARRAY_KEYS = ("path", "kind", "qtype", "dtype", "shape", "block_shape", "packed_axis",
@@ -116,10 +115,10 @@ def _to_numpy(a, path: str) -> np.ndarray:
         out = np.asarray(a)
     except (TypeError, ValueError, RuntimeError):
         out = np.from_dlpack(a)
-    if out.dtype.name not in _NAME_TO_ST:
+    if out.dtype.name not in NAME_TO_ST:
         raise TypeError(
             f"cannot save {path!r}: dtype {out.dtype} is not one safetensors stores here; "
-            f"expected one of {', '.join(_NAME_TO_ST)}"
+            f"expected one of {', '.join(NAME_TO_ST)}"
         )
     return out if out.flags.c_contiguous else out.copy(order="C")  # ascontiguousarray makes 0-d 1-d
 
@@ -127,13 +126,15 @@ def _to_numpy(a, path: str) -> np.ndarray:
 # --------------------------------------------------------------------------- describing trees
 
 
+def _role_names(path: str, symmetric: bool) -> dict[str, str | None]:
+    """The tensor names of a QArray at ``path`` (the loader checks exactly these)."""
+    return {role: None if role == "zero_point" and symmetric else f"{path}:{role}"
+            for role in _ROLES}
+
+
 def _tensor_names(path: str, leaf) -> dict[str, str | None]:
     if isinstance(leaf, QArray):
-        return {
-            "data": f"{path}:data",
-            "scale": f"{path}:scale",
-            "zero_point": None if leaf.zero_point is None else f"{path}:zero_point",
-        }
+        return _role_names(path, leaf.zero_point is None)
     return {"tensor": path}
 
 
@@ -226,7 +227,7 @@ def _body_digest(body: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, 
     """
     listing = {name: [code, list(shape)] for name, (code, shape) in sorted(tensors.items())}
     text = canonical_json({**body, "tensors": listing})
-    return digest(np.frombuffer(text.encode(), np.uint8))
+    return digest(text.encode())
 
 
 def _metadata(entries: list[dict[str, Any]], skeleton, specs):
@@ -360,7 +361,7 @@ class LeafInfo:
     @property
     def float_nbytes(self) -> int:
         """Bytes of the leaf as a plain array of ``dtype`` (before quantization)."""
-        return math.prod(self.shape) * _np_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np_dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -442,7 +443,7 @@ def _expect_tensor(file, where, tensors, name, dtype_names, shape) -> None:
     if name not in tensors:
         _raise(file, f"{where}: tensor {name!r} is missing from the file")
     code, got_shape = tensors[name]
-    got = _ST_TO_NAME.get(code, code)
+    got = ST_TO_NAME.get(code, code)
     if got not in dtype_names:
         _raise(file, f"{where}: tensor {name!r} has dtype {got}, expected "
                      f"{' or '.join(dtype_names)}")
@@ -453,7 +454,7 @@ def _expect_tensor(file, where, tensors, name, dtype_names, shape) -> None:
 
 def _tensor_nbytes(tensors, name) -> int:
     code, shape = tensors[name]
-    return math.prod(shape) * _np_dtype(_ST_TO_NAME[code]).itemsize
+    return math.prod(shape) * np_dtype(ST_TO_NAME[code]).itemsize
 
 
 def _parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
@@ -473,10 +474,10 @@ def _parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
         if name not in tensors:
             _raise(file, f"{where}: tensor {name!r} is missing from the file")
         code, shape = tensors[name]
-        if code not in _ST_TO_NAME:
+        if code not in ST_TO_NAME:
             _raise(file, f"{where}: tensor {name!r} has dtype {code}, which arrayquant does not "
-                         f"read (expected one of {', '.join(_ST_TO_NAME)})")
-        return LeafInfo(path, shape, _ST_TO_NAME[code], tensors=(name,),
+                         f"read (expected one of {', '.join(ST_TO_NAME)})")
+        return LeafInfo(path, shape, ST_TO_NAME[code], tensors=(name,),
                         nbytes=_tensor_nbytes(tensors, name))
     if kind != "qarray":
         _raise(file, f"{where}: field 'kind' must be 'array' or 'qarray', got {kind!r}")
@@ -511,9 +512,9 @@ def _parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
                 _raise(file, f"{where}: {qtype} is unsigned, so it needs a zero point (only "
                              "signed types are stored symmetric, with 'zero_point' null)")
             names[role] = None
-        elif v != f"{path}:{role}":
-            _raise(file, f"{where}: field {role!r} must name the tensor {path + ':' + role!r}, "
-                         f"got {v!r}")
+        elif v != _role_names(path, False)[role]:
+            _raise(file, f"{where}: field {role!r} must name the tensor "
+                         f"{_role_names(path, False)[role]!r}, got {v!r}")
         else:
             names[role] = v
     if packed_axis is None:
@@ -684,10 +685,10 @@ def _parse_body(file, doc: dict, tensors) -> tuple[list[LeafInfo], Any]:
 def _plain_leaves(file, tensors) -> list[LeafInfo]:
     out = []
     for name, (code, shape) in tensors.items():
-        if code not in _ST_TO_NAME:
+        if code not in ST_TO_NAME:
             _raise(file, f"tensor {name!r} has dtype {code}, which arrayquant does not read "
-                         f"(expected one of {', '.join(_ST_TO_NAME)})")
-        out.append(LeafInfo(name, shape, _ST_TO_NAME[code], tensors=(name,),
+                         f"(expected one of {', '.join(ST_TO_NAME)})")
+        out.append(LeafInfo(name, shape, ST_TO_NAME[code], tensors=(name,),
                             nbytes=_tensor_nbytes(tensors, name)))
     return out
 
@@ -709,7 +710,7 @@ def _npz_headers(file: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                     read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                             else np.lib.format.read_array_header_2_0)
                     shape, fortran, dtype = read(f)
-                if dtype.hasobject or dtype.name not in _NAME_TO_ST:
+                if dtype.hasobject or dtype.name not in NAME_TO_ST:
                     _raise(file, f"array {member[:-4]!r} has dtype {dtype}, which arrayquant "
                                  "does not read (no pickled objects)")
                 out[member[:-4]] = (dtype.name, tuple(shape))
@@ -740,7 +741,7 @@ def checkpoint_info(path) -> CheckpointInfo:
     if file.suffix == ".npz":
         headers = _npz_headers(file)
         leaves = tuple(
-            LeafInfo(n, s, d, tensors=(n,), nbytes=math.prod(s) * _np_dtype(d).itemsize)
+            LeafInfo(n, s, d, tensors=(n,), nbytes=math.prod(s) * np_dtype(d).itemsize)
             for n, (d, s) in headers.items()
         )
         return CheckpointInfo(str(file), "npz", None, leaves, size)
@@ -995,8 +996,7 @@ def _plan_leaf(name: str, dtype: str, shape, rules) -> tuple[Rule | None, list, 
         data_dtype = "uint8"
     scale_dtype = rule.scale_dtype if isinstance(rule.scale_dtype, str) \
         else np.dtype(rule.scale_dtype).name
-    names = {"data": f"{name}:data", "scale": f"{name}:scale",
-             "zero_point": None if rule.symmetric else f"{name}:zero_point"}
+    names = _role_names(name, rule.symmetric)
     outs = [(names["data"], data_dtype, data_shape), (names["scale"], scale_dtype, b.scale_shape)]
     if not rule.symmetric:
         outs.append((names["zero_point"], qt.storage, b.scale_shape))
@@ -1046,7 +1046,7 @@ def quantize_checkpoint(in_path, out_path, rules: Rule | Iterable[Rule], *,
                              "tensor that clashes with it")
         seen.add(name)
     metadata = _metadata([entry for *_, entry in plans], None, specs)
-    total = sum(math.prod(s) * _np_dtype(d).itemsize for d, s in source.specs.values())
+    total = sum(math.prod(s) * np_dtype(d).itemsize for d, s in source.specs.values())
     rows: list[LeafReport] = []
     from tqdm import tqdm
 
