@@ -81,6 +81,30 @@ def _weight_operands(w, wp):
     return 1, [_signed_codes(codes, wp.qt)]
 
 
+# Two XLA:GPU defects (JAX 0.11.2 on an H200; docs/inference.md) shape this function:
+# - its Triton int8 GEMM returns wrong int32 sums when the contraction length is not a
+#   multiple of 4 (k = 2, 3, 5, 6, 7, 9, 33 with m, n > 1; k = 1, 4, 8, 16 were exact).
+#   Zero codes add nothing, so the operands are zero-padded to a multiple of 4;
+# - fusing the bit-field extraction and group reshape of packed weights into that GEMM
+#   aborts the process ("Check failed: subdim_size_accumulator == dim_size" in
+#   triton_tiling_propagation.cc). An optimization barrier on the operands stops it.
+# Both were checked on that GPU: benchmarks/int_accumulation_check.py (0 wrong sums of
+# 155 programs, against 10 before) and benchmarks/gpu_compile_crash.py (no abort).
+_INT8_DOT_K_MULTIPLE = 4
+
+
+def _int8_dot(a, b, dims):
+    """``lax.dot_general`` of int8 operands into int32, contraction axis (the last of
+    both) zero-padded to a multiple of :data:`_INT8_DOT_K_MULTIPLE`, operands behind
+    an optimization barrier (see the comment above)."""
+    extra = -a.shape[-1] % _INT8_DOT_K_MULTIPLE
+    if extra:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
+        b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, extra)])
+    a, b = lax.optimization_barrier((a, b))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
+
+
 def int_accumulate(act, w, wp, zw):
     """``sum_k (qx - zx)(qw - zw)`` per weight group, shape (G, m, n), int32."""
     cx = _signed_codes(act.codes, act.qt)
@@ -93,15 +117,13 @@ def int_accumulate(act, w, wp, zw):
     for r, wr in enumerate(fields):
         xr = cx[:, r::per] if per > 1 else cx
         if groups == 1:
-            a = lax.dot_general(xr, wr, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.int32)[None]
+            a = _int8_dot(xr, wr, (((1,), (1,)), ((), ())))[None]
             xv, wv = xr[:, None, :], wr[:, None, :]
         else:
             gr = g // per
             xv = _pad_cols(xr, groups * gr).reshape(m, groups, gr)
             wv = _pad_cols(wr, groups * gr).reshape(n, groups, gr)
-            a = lax.dot_general(xv, wv, (((2,), (2,)), ((1,), (1,))),
-                                preferred_element_type=jnp.int32)
+            a = _int8_dot(xv, wv, (((2,), (2,)), ((1,), (1,))))
         acc = a if acc is None else acc + a
         if zw is not None:
             t = jnp.sum(xv, axis=2, dtype=jnp.int32)  # (m, G)
