@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the quantized matmul in one device call (at most 8.5 minutes: each step has a time limit).
+# Every GPU check of the quantized matmul in one device call (at most 11 minutes: each step has a time limit).
 #
 #   bash benchmarks/gpu_session.sh            # outputs under $OUT (the device tool's folder)
 #
@@ -10,6 +10,8 @@
 #   int_accumulation_check.txt  exact integer sums per formulation (+ hlo/ of failures)
 #   test_matmul_jax.txt         tests/test_matmul.py on jax and jax-jit
 #   gpu_bitexact.txt            NumPy vs GPU codes and scales
+#   gpu_arith_check.txt         which float32 operations differ from NumPy (division)
+#   gpu_compile_crash.txt       XLA:GPU compile aborts, one child process per formulation
 #   matmul_jax_gpu.md           benchmarks/matmul.py --backends jax --large
 #   compile_gpu.md              benchmarks/compile.py
 set -u
@@ -18,6 +20,8 @@ mkdir -p "$OUT"
 # Output reaches the files line by line, so a step stopped by its time limit keeps
 # what it printed (timeout sends SIGINT to pytest so that it prints its summary).
 export PYTHONUNBUFFERED=1
+# Several processes share the GPU (pytest-xdist workers, gpu_compile_crash.py's children).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if ! python3 -c "import array_api_compat" 2>/dev/null; then
     wheel=$(ls .whl/array_api_compat-*.whl 2>/dev/null | head -n 1)
     if [ -z "$wheel" ]; then
@@ -35,11 +39,18 @@ timeout 120 python3 benchmarks/int_accumulation_check.py --cases 60 --dump "$OUT
     > "$OUT/int_accumulation_check.txt" 2>&1
 echo "int_accumulation_check: exit $?"
 # Float reference checks need full float32 products (the GPU default is TF32).
+# Workers (pytest-xdist, installed there) so that an XLA abort fails one test, not the run;
+# pytest-benchmark warns under xdist, and the suite turns warnings into errors.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider \
-    -rf --tb=short -k "jax" tests/test_matmul.py > "$OUT/test_matmul_jax.txt" 2>&1
+    -p no:benchmark -p xdist -n 6 -rfE --tb=short -k "jax" tests/test_matmul.py \
+    > "$OUT/test_matmul_jax.txt" 2>&1
 echo "test_matmul (jax): exit $?"
 timeout 45 python3 benchmarks/gpu_bitexact.py > "$OUT/gpu_bitexact.txt" 2>&1
 echo "gpu_bitexact: exit $?"
+timeout 60 python3 benchmarks/gpu_arith_check.py > "$OUT/gpu_arith_check.txt" 2>&1
+echo "gpu_arith_check: exit $?"
+timeout 90 python3 benchmarks/gpu_compile_crash.py > "$OUT/gpu_compile_crash.txt" 2>&1
+echo "gpu_compile_crash: exit $?"
 timeout 120 python3 benchmarks/matmul.py --backends jax --large > "$OUT/matmul_jax_gpu.md" 2>&1
 echo "matmul benchmark: exit $?"
 # Compile time on the GPU, where `auto` picks the loop-free formulations (docs/inference.md).
