@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the quantized matmul in one device call (at most 11 minutes: each step has a time limit).
+# Every GPU check of the quantized matmul in one device call (at most 9 minutes: each step has a time limit).
 #
 #   bash benchmarks/gpu_session.sh            # outputs under $OUT (the device tool's folder)
 #
@@ -35,25 +35,25 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-timeout 120 python3 benchmarks/int_accumulation_check.py --cases 60 --dump "$OUT/hlo" \
+timeout 100 python3 benchmarks/int_accumulation_check.py --cases 60 --dump "$OUT/hlo" \
     > "$OUT/int_accumulation_check.txt" 2>&1
 echo "int_accumulation_check: exit $?"
 # Float reference checks need full float32 products (the GPU default is TF32).
 # Workers (pytest-xdist, installed there) so that an XLA abort fails one test, not the run;
 # pytest-benchmark warns under xdist, and the suite turns warnings into errors.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT 130 python3 -m pytest -q -p no:cacheprovider \
     -p no:benchmark -p xdist -n 6 -rfE --tb=short -k "jax" tests/test_matmul.py \
     > "$OUT/test_matmul_jax.txt" 2>&1
 echo "test_matmul (jax): exit $?"
-timeout 45 python3 benchmarks/gpu_bitexact.py > "$OUT/gpu_bitexact.txt" 2>&1
+timeout 40 python3 benchmarks/gpu_bitexact.py > "$OUT/gpu_bitexact.txt" 2>&1
 echo "gpu_bitexact: exit $?"
-timeout 60 python3 benchmarks/gpu_arith_check.py > "$OUT/gpu_arith_check.txt" 2>&1
+timeout 40 python3 benchmarks/gpu_arith_check.py > "$OUT/gpu_arith_check.txt" 2>&1
 echo "gpu_arith_check: exit $?"
-timeout 90 python3 benchmarks/gpu_compile_crash.py > "$OUT/gpu_compile_crash.txt" 2>&1
+timeout 70 python3 benchmarks/gpu_compile_crash.py > "$OUT/gpu_compile_crash.txt" 2>&1
 echo "gpu_compile_crash: exit $?"
-timeout 120 python3 benchmarks/matmul.py --backends jax --large > "$OUT/matmul_jax_gpu.md" 2>&1
+timeout 110 python3 benchmarks/matmul.py --backends jax --large > "$OUT/matmul_jax_gpu.md" 2>&1
 echo "matmul benchmark: exit $?"
 # Compile time on the GPU, where `auto` picks the loop-free formulations (docs/inference.md).
-timeout 60 python3 benchmarks/compile.py > "$OUT/compile_gpu.md" 2>&1
+timeout 50 python3 benchmarks/compile.py > "$OUT/compile_gpu.md" 2>&1
 echo "compile benchmark: exit $?"
 tail -n 3 "$OUT/int_accumulation_check.txt" "$OUT/test_matmul_jax.txt"
