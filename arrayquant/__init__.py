@@ -6,20 +6,18 @@
 (dtype('int8'), (2, 1))
 """
 
-from ._backend import scale_limits
-from ._jax import install_hook as _install_jax_hook
-from ._qtypes import QType, as_qtype
-from .affine import dequantize, dequantize_with, qparams, quantize, quantize_with
-from .checkpoint import (
+from arrayquant._backend import scale_limits
+from arrayquant._backend.jaxtools import install_hook as _install_jax_hook
+from arrayquant.affine import dequantize, dequantize_with, qparams, quantize, quantize_with
+from arrayquant.checkpoint import (
     CheckpointError,
     checkpoint_info,
     load,
     quantize_checkpoint,
     save,
 )
-from .inference import int32_safe_in_features, linear, matmul, quantize_activations
-from .metrics import max_abs_error, mse, sqnr_db
-from .packing import (
+from arrayquant.metrics import max_abs_error, mse, sqnr_db
+from arrayquant.packing import (
     from_high_nibble_first,
     from_hqq,
     from_planar,
@@ -30,9 +28,10 @@ from .packing import (
     to_planar,
     unpack,
 )
-from .plotting import plot_quantization_error
-from .qarray import QArray
-from .tree import (
+from arrayquant.products import int32_safe_in_features, linear, matmul, quantize_activations
+from arrayquant.qarray import QArray
+from arrayquant.qtypes import QType, as_qtype
+from arrayquant.trees import (
     LeafReport,
     Rule,
     TreeReport,
@@ -41,9 +40,19 @@ from .tree import (
     tree_paths,
     tree_report,
 )
-from .validation import all_finite, check_finite
+from arrayquant.validation import all_finite, check_finite
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The applications (CLI, demo, models, plotting) sit above the library, which never
+    # imports them; plot_quantization_error is reachable from here on first use.
+    if name == "plot_quantization_error":
+        from arrayquant.apps.plotting import plot_quantization_error
+
+        return plot_quantization_error
+    raise AttributeError(f"module 'arrayquant' has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError",

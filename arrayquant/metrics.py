@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-from ._backend import compute_dtype, namespace
+from arrayquant._backend import compute_dtype, namespace
 
 __all__ = ["mse", "sqnr_db", "max_abs_error"]
 
 
 def _pair(x, x_hat):
-    from .qarray import QArray
+    from arrayquant.qarray import QArray
 
     if isinstance(x_hat, QArray):
         x_hat = x_hat.dequantize()

@@ -7,10 +7,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from ._backend import dtype_name
-from ._blocking import Blocking
-from ._qtypes import QTYPE_NAMES, QType, as_qtype
-from .packing import packed_length
+from arrayquant._backend import dtype_name
+from arrayquant.blocking import Blocking
+from arrayquant.packing import packed_length
+from arrayquant.qtypes import QTYPE_NAMES, QType, as_qtype
 
 __all__ = ["QArray"]
 
@@ -23,7 +23,7 @@ def _nbytes(a) -> int:
     if itemsize is None:  # array_api_strict dtypes have no itemsize
         import numpy as np
 
-        from ._backend import dtype_name
+        from arrayquant._backend import dtype_name
 
         itemsize = np.dtype(dtype_name(a.dtype)).itemsize
     return size * itemsize
@@ -178,7 +178,7 @@ class QArray:
         """The integer codes, one per element, shaped like the original array."""
         if self.packed_axis is None:
             return self.data
-        from .packing import unpack
+        from arrayquant.packing import unpack
 
         qt = as_qtype(self.qtype)
         return unpack(
@@ -219,7 +219,7 @@ class QArray:
         Saturated to that dtype's finite range, never inf (see
         :func:`arrayquant.dequantize`).
         """
-        from .affine import dequantize
+        from arrayquant.affine import dequantize
 
         return dequantize(self, dtype=dtype)
 

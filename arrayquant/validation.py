@@ -17,7 +17,7 @@ when they are not finite, outside ``scale_limits`` or outside the qtype).
 
 from __future__ import annotations
 
-from ._backend import is_concrete, is_jax, namespace
+from arrayquant._backend import is_concrete, is_jax, namespace
 
 __all__ = ["all_finite", "check_finite"]
 
@@ -50,6 +50,6 @@ def check_finite(x, what: str = "x") -> None:
             )
         return
     if is_jax(xp):
-        from ._jax import check_finite as _jax_check
+        from arrayquant._backend.jaxtools import check_finite as _jax_check
 
         _jax_check(x, what)

@@ -93,7 +93,7 @@ child that only imports Python, NumPy, safetensors and arrayquant.
 
 def _generate(path: Path, n_big: int) -> tuple[int, int]:
     """Write the checkpoint tensor by tensor; returns (file size, largest tensor bytes)."""
-    from arrayquant._stfile import StreamWriter
+    from arrayquant.checkpoint.stfile import StreamWriter
 
     rng = np.random.default_rng(0)
     specs = [(f"layers.{i}.weight", "float32", (N, N)) for i in range(n_big)]

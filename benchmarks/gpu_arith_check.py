@@ -43,7 +43,8 @@ def ops(rng) -> None:
             "x * b": (jax.jit(lambda x, b: x * b)(jx, jb), x * b),
             "round(x * (1 / b))": (jax.jit(lambda x, b: jnp.round(x * (1.0 / b)))(jx, jb),
                                    np.round(x * (one / b))),
-            "-128 - x / b": (jax.jit(lambda x, b: -128.0 - x / b)(jx, jb), np.float32(-128) - x / b),
+            "-128 - x / b": (jax.jit(lambda x, b: -128.0 - x / b)(jx, jb),
+                             np.float32(-128) - x / b),
         }
     for name, (got, ref) in cases.items():
         print(f"{name:22s} differs at {_diff(got, ref):8d} of {n}")
@@ -76,7 +77,7 @@ def stages(rng) -> None:
             zgot = jax.jit(lambda r, s: jnp.round(-128.0 - r / s))(jnp.asarray(rmin), js)
             print(f"  zero point round(-128 - rmin / s): {_diff(zgot, zref)} differ "
                   f"(NumPy {zref.ravel()[:1]}, device {np.asarray(zgot).ravel()[:1]})")
-        got = jax.jit(lambda v: aq.quantize(v, "int8", sym, **kw))(jnp.asarray(v))
+        got = jax.jit(lambda v, sym=sym, kw=kw: aq.quantize(v, "int8", sym, **kw))(jnp.asarray(v))
         print(f"  aq.quantize codes: {_diff(got.codes, aq.quantize(v, 'int8', sym, **kw).codes)}"
               " differ")
 

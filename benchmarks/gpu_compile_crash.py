@@ -32,7 +32,7 @@ CHILD = r"""
 import sys, numpy as np, jax, jax.numpy as jnp
 from jax import lax
 import arrayquant as aq
-import arrayquant._jax_matmul as J
+import arrayquant.products.jax_dot as J
 wname, dt, qt, sym, kw, act, form = eval(sys.argv[1])
 if form == "jax-dot+barrier":
     orig = J._int8_dot

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import arrayquant as aq  # noqa: E402
 
-M = importlib.import_module("arrayquant.inference")
+M = importlib.import_module("arrayquant.products")
 
 WEIGHTS = ["int8", "uint8", "int4", "uint4", "int2", "uint2"]
 ACTS = [("int8", True), ("int8", False), ("uint8", False), ("int4", True), ("int2", False)]
@@ -77,7 +77,7 @@ def check_primitive(jax, jnp, lax, dump_dir) -> tuple[int, int]:
     """lax.dot_general(int8, int8) -> int32 against int64, short contractions: alone
     (XLA's own result) and through arrayquant's ``_int8_dot``, which pads the
     contraction to a multiple of 4. Returns (raw mismatches, padded mismatches)."""
-    from arrayquant._jax_matmul import _int8_dot
+    from arrayquant.products.jax_dot import _int8_dot
 
     raw = padded = 0
     rng = np.random.default_rng(1)

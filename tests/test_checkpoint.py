@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import arrayquant as aq
-from arrayquant._qtypes import QTYPE_NAMES
-from arrayquant._stfile import StreamWriter, digest
 from arrayquant.checkpoint import FORMAT_VERSION, CheckpointError
+from arrayquant.checkpoint.stfile import StreamWriter, digest
+from arrayquant.qtypes import QTYPE_NAMES
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -585,8 +585,7 @@ def test_a_repeated_dict_key_never_drops_a_leaf(tmp_path, capsys, resign):
     for read in (aq.load, aq.checkpoint_info):
         with pytest.raises(CheckpointError, match=match):
             read(f)
-    from arrayquant import cli
-
+    from arrayquant.apps import cli
     assert cli.main(["inspect", str(f), "--verify"]) == 1
     assert "verified" not in capsys.readouterr().out
 

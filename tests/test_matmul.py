@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import arrayquant as aq
 
-M = importlib.import_module("arrayquant.inference")
+M = importlib.import_module("arrayquant.products")
 
 QTYPES = ["int8", "uint8", "int4", "uint4", "int2", "uint2"]
 WEIGHT_ONLY = ["dequantize", "epilogue", "grouped", "fields", "slabs", "gemv"]
@@ -621,7 +621,7 @@ def test_float_exact_refused_on_jax():
 
 def test_minilm_w8a8_and_weight_only_embeddings():
     """all-MiniLM-L6-v2 through aq.linear: W8A16 and W8A8 stay close to the reference."""
-    from arrayquant.models import minilm
+    from arrayquant.apps.models import minilm
 
     try:
         params = minilm.load_params()

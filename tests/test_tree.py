@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import arrayquant as aq
-from arrayquant.tree import format_bytes
+from arrayquant.trees import format_bytes
 
 RNG = np.random.default_rng(0)
 

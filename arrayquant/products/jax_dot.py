@@ -1,4 +1,4 @@
-"""JAX-only fast formulation of :mod:`arrayquant.inference` (``formulation="jax-dot"``).
+"""JAX-only fast formulation of :mod:`arrayquant.products` (``formulation="jax-dot"``).
 
 Imported lazily, only when the arrays are JAX arrays: ``import arrayquant``
 never imports JAX.
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .packing import bit_fields
+from arrayquant.packing import bit_fields
 
 __all__ = ["gemv", "int_accumulate", "int_gemv", "loops_pay_off"]
 
@@ -70,7 +70,7 @@ def _pad_cols(a, length: int):
 
 def _weight_operands(w, wp):
     """(per, [(n, L_r) int8 fields]) with field r holding codes r, r + per, ... along k."""
-    from .inference import _fields_fit
+    from arrayquant.products import _fields_fit
 
     if wp.packed_k and _fields_fit(wp):
         per = wp.per_byte
@@ -148,7 +148,7 @@ def int_accumulate(act, w, wp, zw):
 def _row_operands(w, wp):
     """(data (n, L) in the (n, k) layout, per): packed bytes, split into bit fields inside
     the loop (whole-byte groups), else one code per column."""
-    from .inference import _fields_fit
+    from arrayquant.products import _fields_fit
 
     if wp.packed_k and _fields_fit(wp):
         data, per = w.data, wp.per_byte

@@ -128,7 +128,7 @@ def scale_limits(scale_dtype, value_dtype) -> tuple[float, float]:
 def is_concrete(x) -> bool:
     """True when ``x`` holds values that can be inspected now (not a JAX tracer)."""
     if "jax" in sys.modules:
-        from ._jax import is_tracer
+        from arrayquant._backend.jaxtools import is_tracer
 
         return not is_tracer(x)
     return True

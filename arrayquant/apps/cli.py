@@ -24,9 +24,9 @@ import re
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from ._io import check_output_path
-from ._qtypes import QTYPE_NAMES
+from arrayquant import __version__
+from arrayquant._io import check_output_path
+from arrayquant.qtypes import QTYPE_NAMES
 
 __all__ = ["main"]
 
@@ -130,7 +130,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _rules(args):
-    from .tree import Rule
+    from arrayquant.trees import Rule
 
     exclude = "|".join(f"(?:{e})" for e in args.exclude) or None
     if args.group_size is not None:
@@ -152,7 +152,7 @@ def _rules(args):
 
 
 def _cmd_quantize(args) -> int:
-    from .checkpoint import quantize_checkpoint
+    from arrayquant.checkpoint import quantize_checkpoint
 
     check_output_path(args.output)  # before reading anything; also catches -o ""
     report = quantize_checkpoint(args.input, args.output, _rules(args),
@@ -166,8 +166,8 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from .checkpoint import checkpoint_info, load
-    from .tree import _align, format_bytes
+    from arrayquant.checkpoint import checkpoint_info, load
+    from arrayquant.trees import _align, format_bytes
 
     info = checkpoint_info(args.file)
     kind = {
@@ -218,7 +218,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from . import demo
+    from arrayquant.apps import demo
 
     backend = demo._pick_backend(args.backend)
     rows = demo.run(backend=backend, repeats=args.repeats,

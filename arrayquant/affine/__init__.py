@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import numpy as np  # only for np.errstate: overflow to inf is intended, then clipped
 
-from ._backend import (
+from arrayquant._backend import (
     compute_dtype,
     dtype_name,
     finfo_limits,
@@ -59,9 +59,9 @@ from ._backend import (
     namespace,
     scale_limits,
 )
-from ._blocking import Blocking, plan, plan_from_scale
-from ._qtypes import QType, as_qtype
-from .qarray import QArray
+from arrayquant.blocking import Blocking, plan, plan_from_scale
+from arrayquant.qarray import QArray
+from arrayquant.qtypes import QType, as_qtype
 
 __all__ = ["qparams", "quantize_with", "dequantize_with", "quantize", "dequantize"]
 
@@ -278,7 +278,7 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
     cdt = compute_dtype(xp, x.dtype)
     sdt = float_dtype(xp, scale_dtype)
     if _USE_NUMPY_FAST_PATH and is_numpy(xp):
-        from ._numpy_fast import qparams_and_codes
+        from arrayquant.affine._numpy import qparams_and_codes
 
         def params(rmin, rmax):
             s, z = _params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
@@ -548,7 +548,7 @@ def quantize(
 def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, xp) -> QArray:
     packed_axis = None
     if qt.bits < 8 and len(b.shape) > 0:
-        from .packing import pack
+        from arrayquant.packing import pack
 
         packed_axis = len(b.shape) - 1
         codes = pack(codes, qt.bits, axis=packed_axis, _checked=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._blocking import Blocking
+from arrayquant.blocking import Blocking
 
 __all__ = ["qparams_and_codes"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_path
-from .qarray import QArray
+from arrayquant._io import atomic_path
+from arrayquant.qarray import QArray
 
 __all__ = ["plot_quantization_error"]
 

@@ -27,12 +27,19 @@ import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from ._backend import compute_dtype, dtype_name, float_dtype, is_float_dtype, is_jax, is_numpy
-from ._backend import namespace as _namespace
-from ._qtypes import QType, as_qtype
-from .affine import dequantize, quantize
-from .packing import bit_fields, unpack
-from .qarray import QArray
+from arrayquant._backend import (
+    compute_dtype,
+    dtype_name,
+    float_dtype,
+    is_float_dtype,
+    is_jax,
+    is_numpy,
+)
+from arrayquant._backend import namespace as _namespace
+from arrayquant.affine import dequantize, quantize
+from arrayquant.packing import bit_fields, unpack
+from arrayquant.qarray import QArray
+from arrayquant.qtypes import QType, as_qtype
 
 __all__ = ["linear", "matmul", "quantize_activations", "int32_safe_in_features", "FORMULATIONS"]
 
@@ -46,7 +53,7 @@ _SLAB_BYTES = 1 << 20
 
 
 def _jax_loops_pay_off() -> bool:
-    from ._jax_matmul import loops_pay_off
+    from arrayquant.products.jax_dot import loops_pay_off
 
     return loops_pay_off()
 
@@ -467,7 +474,7 @@ def _gemv_product(x2, w: QArray, wp: _WeightPlan, cdt, xp):
     """
     s, z = _scales_f(w, wp, cdt, xp)
     if is_jax(xp):  # traced: one loop body, not one reduction per group
-        from ._jax_matmul import gemv
+        from arrayquant.products.jax_dot import gemv
 
         return gemv(x2, w, wp, s, z, cdt)
     xv = xp.reshape(x2, (wp.k,))
@@ -644,7 +651,7 @@ def _int_gemv_accumulate(act: _Act, w: QArray, wp: _WeightPlan, zw, xp):
     per = wp.per_byte if wp.packed_k and _fields_fit(wp) else 1
     chunk = max(per, ((1 << 24) // per_term) // per * per)
     if is_jax(xp):  # traced: one loop body, not one reduction per chunk
-        from ._jax_matmul import int_gemv
+        from arrayquant.products.jax_dot import int_gemv
 
         return int_gemv(act, w, wp, zw, chunk)
     f32 = xp.float32
@@ -664,7 +671,7 @@ def _int_gemv_accumulate(act: _Act, w: QArray, wp: _WeightPlan, zw, xp):
 
 
 def _jax_dot_accumulate(act: _Act, w: QArray, wp: _WeightPlan, zw, xp):
-    from ._jax_matmul import int_accumulate
+    from arrayquant.products.jax_dot import int_accumulate
 
     return int_accumulate(act, w, wp, zw)
 

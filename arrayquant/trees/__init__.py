@@ -48,9 +48,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._backend import dtype_name, is_float_dtype
-from ._qtypes import as_qtype
-from .qarray import QArray, _nbytes
+from arrayquant._backend import dtype_name, is_float_dtype
+from arrayquant.qarray import QArray, _nbytes
+from arrayquant.qtypes import as_qtype
 
 __all__ = [
     "LeafReport",
@@ -252,7 +252,7 @@ class Rule:
 
     def quantize(self, x) -> QArray:
         """``arrayquant.quantize`` with this rule's settings (``dtype`` must not be None)."""
-        from .affine import quantize
+        from arrayquant.affine import quantize
 
         if self.dtype is None:
             raise ValueError("this rule keeps leaves in float (dtype=None); nothing to quantize")
@@ -336,7 +336,7 @@ def dequantize_tree(tree, dtype=None):
 
         jax.jit(lambda qp, x: apply(aq.dequantize_tree(qp), x))
     """
-    from .affine import dequantize
+    from arrayquant.affine import dequantize
 
     return _map(
         lambda _path, leaf: dequantize(leaf, dtype) if isinstance(leaf, QArray) else leaf, tree, ()
@@ -402,11 +402,11 @@ def _sqnr(x, qa: QArray) -> float:
     """
     import numpy as np
 
-    from .packing import unpack
+    from arrayquant.packing import unpack
 
     if (not isinstance(x, np.ndarray) or not isinstance(qa.data, np.ndarray)
             or x.ndim == 0 or qa.packed_axis == 0):
-        from .metrics import sqnr_db
+        from arrayquant.metrics import sqnr_db
 
         return float(sqnr_db(x, qa))
     shape, block = qa.shape, qa.block_shape

@@ -42,11 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import is_float_dtype, scale_limits
-from ._blocking import Blocking, plan
-from ._io import atomic_path, check_input_file
-from ._qtypes import QTYPE_NAMES, QType, as_qtype
-from ._stfile import (
+from arrayquant._backend import is_float_dtype, scale_limits
+from arrayquant._io import atomic_path, check_input_file
+from arrayquant.blocking import Blocking, plan
+from arrayquant.checkpoint.stfile import (
     DIGEST_PREFIX,
     NAME_TO_ST,
     ST_TO_NAME,
@@ -58,9 +57,10 @@ from ._stfile import (
     read_raw_header,
     strict_json,
 )
-from .packing import packed_length, unpack
-from .qarray import QArray
-from .tree import (
+from arrayquant.packing import packed_length, unpack
+from arrayquant.qarray import QArray
+from arrayquant.qtypes import QTYPE_NAMES, QType, as_qtype
+from arrayquant.trees import (
     LeafReport,
     Rule,
     TreeReport,
@@ -107,7 +107,7 @@ _DIGEST = re.compile(re.escape(DIGEST_PREFIX) + "[0-9a-f]{64}")
 def _to_numpy(a, path: str) -> np.ndarray:
     jtu = _jax_tree_util()
     if jtu is not None:
-        from ._jax import is_tracer
+        from arrayquant._backend.jaxtools import is_tracer
 
         if is_tracer(a):
             raise TypeError(f"cannot save {path!r}: it is a traced JAX value (inside jax.jit?)")

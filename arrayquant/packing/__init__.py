@@ -19,9 +19,9 @@ NumPy, JAX (under jit and vmap) and array-api-strict.
 
 from __future__ import annotations
 
-from . import _numpy_packing as _np_fast
-from ._backend import as_int8_bits, dtype_name, is_concrete, is_jax, is_numpy, namespace
-from ._blocking import normalize_axis
+from arrayquant._backend import as_int8_bits, dtype_name, is_concrete, is_jax, is_numpy, namespace
+from arrayquant.blocking import normalize_axis
+from arrayquant.packing import _numpy as _np_fast
 
 __all__ = [
     "pack",

@@ -1,1 +1,0 @@
-"""Model forward passes written against the array API (see ``arrayquant.models.minilm``)."""
