@@ -15,7 +15,7 @@ from arrayquant.qtypes import QTYPE_NAMES, QType, as_qtype
 __all__ = ["QArray"]
 
 
-def _nbytes(a) -> int:
+def storage_nbytes(a) -> int:
     if a is None:
         return 0
     size = math.prod(a.shape)
@@ -206,7 +206,7 @@ class QArray:
     @property
     def nbytes(self) -> int:
         """Bytes actually stored: codes (packed where packed) + scales + zero points."""
-        return _nbytes(self.data) + _nbytes(self.scale) + _nbytes(self.zero_point)
+        return sum(storage_nbytes(a) for a in (self.data, self.scale, self.zero_point))
 
     @property
     def bits_per_element(self) -> float:

@@ -296,7 +296,7 @@ def test_sigterm_during_quantize_leaves_no_temporary(ckpt, tmp_path, existing):
         "def slow(*args):\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(60)\n"
-        "c._quantize_leaf = slow\n"
+        "c.quantize_leaf = slow\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     with subprocess.Popen([sys.executable, "-c", slow_cli, "quantize", str(path), "-o", str(out),

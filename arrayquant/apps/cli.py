@@ -167,7 +167,7 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from arrayquant.checkpoint import checkpoint_info, load
-    from arrayquant.trees import _align, format_bytes
+    from arrayquant.trees import align_columns, format_bytes
 
     info = checkpoint_info(args.file)
     kind = {
@@ -190,7 +190,7 @@ def _cmd_inspect(args) -> int:
             body.append((leaf.path, "x".join(map(str, leaf.shape)) or "()", leaf.dtype, stored,
                          format_bytes(leaf.nbytes)))
         print()
-        print("\n".join(_align([head, *body], right=(4,))))
+        print("\n".join(align_columns([head, *body], right=(4,))))
         if len(leaves) < len(info.leaves):
             print(f"... {len(info.leaves) - len(leaves)} more")
     quantized = [leaf for leaf in info.leaves if leaf.quantized]

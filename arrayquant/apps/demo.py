@@ -87,10 +87,10 @@ class DemoRow:
         return self.neighbours_kept == self.n_sentences
 
 
-def _nbytes(leaf) -> int:
-    from arrayquant.qarray import QArray, _nbytes
+def storage_nbytes(leaf) -> int:
+    from arrayquant.qarray import QArray, storage_nbytes
 
-    return leaf.nbytes if isinstance(leaf, QArray) else _nbytes(leaf)
+    return leaf.nbytes if isinstance(leaf, QArray) else storage_nbytes(leaf)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -203,9 +203,9 @@ def run(
         cos = _cosines(emb, reference)
         rows.append(DemoRow(
             setting=name,
-            linear_bytes=sum(_nbytes(qparams[p]) for p in linear_paths),
+            linear_bytes=sum(storage_nbytes(qparams[p]) for p in linear_paths),
             float_linear_bytes=float_linear,
-            model_bytes=sum(_nbytes(v) for v in qparams.values()),
+            model_bytes=sum(storage_nbytes(v) for v in qparams.values()),
             mean_cosine=float(np.mean(cos)),
             min_cosine=float(np.min(cos)),
             neighbours_kept=int(np.sum(_nearest(emb) == ref_nn)),

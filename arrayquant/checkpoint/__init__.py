@@ -64,13 +64,13 @@ from arrayquant.trees import (
     LeafReport,
     Rule,
     TreeReport,
-    _as_rules,
-    _is_leaf,
-    _jax_tree_util,
-    _leaf_report,
-    _map,
-    _quantize_leaf,
-    _select,
+    as_rules,
+    is_leaf,
+    jax_tree_util,
+    leaf_report,
+    map_leaves,
+    quantize_leaf,
+    select_rule,
 )
 
 __all__ = [
@@ -105,7 +105,7 @@ _DIGEST = re.compile(re.escape(DIGEST_PREFIX) + "[0-9a-f]{64}")
 
 
 def _to_numpy(a, path: str) -> np.ndarray:
-    jtu = _jax_tree_util()
+    jtu = jax_tree_util()
     if jtu is not None:
         from arrayquant._backend.jaxtools import is_tracer
 
@@ -154,7 +154,7 @@ def _skeleton(node, prefix: tuple[str, ...], leaves: list) -> dict[str, Any] | N
     if len(prefix) > MAX_TREE_DEPTH:
         raise ValueError(f"cannot save {path[:80]!r}...: the tree is nested more than "
                          f"{MAX_TREE_DEPTH} levels deep, the most a checkpoint holds")
-    if _is_leaf(node):
+    if is_leaf(node):
         leaves.append((path, node))
         return {"type": "leaf", "path": path}
     if node is None:
@@ -180,7 +180,7 @@ def _skeleton(node, prefix: tuple[str, ...], leaves: list) -> dict[str, Any] | N
                 return None
             items.append(sub)
         return {"type": "list" if isinstance(node, list) else "tuple", "items": items}
-    jtu = _jax_tree_util()
+    jtu = jax_tree_util()
     if jtu is not None and not jtu.treedef_is_leaf(jtu.tree_structure(node)):
         return None  # another pytree container: saved flat, rebuilt with load(..., like=)
     raise TypeError(
@@ -191,7 +191,7 @@ def _skeleton(node, prefix: tuple[str, ...], leaves: list) -> dict[str, Any] | N
 
 def _describe(tree) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:
     """(leaves as (path, leaf), skeleton or None for a flat dict)."""
-    if _is_leaf(tree):
+    if is_leaf(tree):
         raise TypeError(
             "save() needs a tree (a dict, list, tuple or pytree) of arrays, not a single "
             "array; wrap it, e.g. save(path, {'x': x})"
@@ -202,11 +202,11 @@ def _describe(tree) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:
         leaves = []
 
         def visit(path, leaf):
-            if _is_leaf(leaf):
+            if is_leaf(leaf):
                 leaves.append((path, leaf))
             return leaf
 
-        _map(visit, tree, ())
+        map_leaves(visit, tree, ())
     elif (skeleton["type"] == "dict"
           and all(sub["type"] == "leaf" for _, sub in skeleton["items"])):
         skeleton = None  # a flat dict of arrays: the leaf list says it all
@@ -867,14 +867,14 @@ def _fill(like, leaves: dict[str, Any], file):
     used: set[str] = set()
 
     def fn(path, leaf):
-        if not _is_leaf(leaf):
+        if not is_leaf(leaf):
             return leaf
         if path not in leaves:
             _raise(file, f"the template has a leaf {path!r} that the checkpoint does not hold")
         used.add(path)
         return leaves[path]
 
-    out = _map(fn, like, ())
+    out = map_leaves(fn, like, ())
     if used != set(leaves):
         _raise(file, f"the checkpoint holds {sorted(set(leaves) - used)[0]!r}, which the "
                      "template does not have")
@@ -979,7 +979,7 @@ class _Source:
 
 def _plan_leaf(name: str, dtype: str, shape, rules) -> tuple[Rule | None, list, dict]:
     """The rule for a tensor, its output tensors [(name, dtype, shape)] and its leaf entry."""
-    rule = _select(rules, name, shape, dtype)
+    rule = select_rule(rules, name, shape, dtype)
     if rule is None or rule.dtype is None or not is_float_dtype(dtype):
         return None, [(name, dtype, shape)], {"path": name, "kind": "array", "tensor": name}
     qt = as_qtype(rule.dtype)
@@ -1031,7 +1031,7 @@ def quantize_checkpoint(in_path, out_path, rules: Rule | Iterable[Rule], *,
         ValueError, TypeError: a rule that does not fit a tensor (named), NaN or inf
             in a selected tensor, ``out_path`` equal to ``in_path``.
     """
-    rules = _as_rules(rules)
+    rules = as_rules(rules)
     src_file, out_file = check_input_file(in_path), pathlib.Path(out_path)
     if out_file.exists() and out_file.resolve() == src_file.resolve():
         raise ValueError(f"the output {out_file} is the input; choose another output path")
@@ -1056,16 +1056,16 @@ def quantize_checkpoint(in_path, out_path, rules: Rule | Iterable[Rule], *,
             x = source.get(name)
             if rule is None:
                 yield name, x
-                rows.append(_leaf_report(name, x, x))
+                rows.append(leaf_report(name, x, x))
             else:
-                qa = _quantize_leaf(rule, name, x)
+                qa = quantize_leaf(rule, name, x)
                 if (qa.block_shape, qa.packed_axis) != (tuple(entry["block_shape"]),
                                                         entry["packed_axis"]):
                     raise RuntimeError(f"internal error: {name!r} was quantized as {qa!r}, not "
                                        "as planned")
                 for (tname, _, _), part in zip(outs, (qa.data, qa.scale, qa.zero_point)):
                     yield tname, part
-                rows.append(_leaf_report(name, x, qa))
+                rows.append(leaf_report(name, x, qa))
                 del qa
             bar.update(x.nbytes)
             del x

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arrayquant._backend import dtype_name, is_float_dtype
-from arrayquant.qarray import QArray, _nbytes
+from arrayquant.qarray import QArray, storage_nbytes
 from arrayquant.qtypes import as_qtype
 
 __all__ = [
@@ -71,11 +71,11 @@ def _is_array(x) -> bool:
     return not isinstance(x, QArray) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _is_leaf(x) -> bool:
+def is_leaf(x) -> bool:
     return isinstance(x, QArray) or _is_array(x)
 
 
-def _jax_tree_util():
+def jax_tree_util():
     """``jax.tree_util`` if the user has imported JAX, else ``None`` (never imports JAX)."""
     if "jax" not in sys.modules:
         return None
@@ -95,27 +95,28 @@ def _join(parts: tuple[str, ...]) -> str:
     return "/".join(parts)
 
 
-def _map(fn: Callable[[str, Any], Any], node, prefix: tuple[str, ...]):
+def map_leaves(fn: Callable[[str, Any], Any], node, prefix: tuple[str, ...]):
     """Rebuild ``node`` with ``fn(path, leaf)`` applied to every leaf (see the module doc)."""
-    if _is_leaf(node):
+    if is_leaf(node):
         return fn(_join(prefix), node)
     t = type(node)
     if t is dict or t is collections.OrderedDict:
-        return t((k, _map(fn, v, (*prefix, str(k)))) for k, v in node.items())
+        return t((k, map_leaves(fn, v, (*prefix, str(k)))) for k, v in node.items())
     if t is list:
-        return [_map(fn, v, (*prefix, str(i))) for i, v in enumerate(node)]
+        return [map_leaves(fn, v, (*prefix, str(i))) for i, v in enumerate(node)]
     if t is tuple:
-        return tuple(_map(fn, v, (*prefix, str(i))) for i, v in enumerate(node))
+        return tuple(map_leaves(fn, v, (*prefix, str(i))) for i, v in enumerate(node))
     if isinstance(node, tuple) and hasattr(node, "_fields"):  # a named tuple
-        return t(*(_map(fn, getattr(node, f), (*prefix, f)) for f in node._fields))
+        return t(*(map_leaves(fn, getattr(node, f), (*prefix, f)) for f in node._fields))
     if node is None:
         return None
-    jtu = _jax_tree_util()
+    jtu = jax_tree_util()
     if jtu is not None:
-        leaves, treedef = jtu.tree_flatten_with_path(node, is_leaf=_is_leaf)
+        leaves, treedef = jtu.tree_flatten_with_path(node, is_leaf=is_leaf)
         if not jtu.treedef_is_leaf(treedef):
             new = [
-                _map(fn, leaf, (*prefix, *(_jax_key_str(k) for k in kp))) for kp, leaf in leaves
+                map_leaves(fn, leaf, (*prefix, *(_jax_key_str(k) for k in kp)))
+                for kp, leaf in leaves
             ]
             return jtu.tree_unflatten(treedef, new)
     return fn(_join(prefix), node)
@@ -128,7 +129,7 @@ def _flatten(tree) -> list[tuple[str, Any]]:
         out.append((path, leaf))
         return leaf
 
-    _map(visit, tree, ())
+    map_leaves(visit, tree, ())
     return out
 
 
@@ -140,7 +141,7 @@ def tree_paths(tree) -> list[str]:
         >>> aq.tree_paths({"a": {"w": np.zeros(2)}, "b": [np.zeros(1), "not an array"]})
         ['a/w', 'b/0']
     """
-    return [p for p, leaf in _flatten(tree) if _is_leaf(leaf)]
+    return [p for p, leaf in _flatten(tree) if is_leaf(leaf)]
 
 
 # --------------------------------------------------------------------------- rules
@@ -262,7 +263,7 @@ class Rule:
         )
 
 
-def _as_rules(rules) -> tuple[Rule, ...]:
+def as_rules(rules) -> tuple[Rule, ...]:
     if isinstance(rules, Rule):
         return (rules,)
     rules = tuple(rules)
@@ -272,7 +273,7 @@ def _as_rules(rules) -> tuple[Rule, ...]:
     return rules
 
 
-def _select(rules: tuple[Rule, ...], path: str, shape, dtype) -> Rule | None:
+def select_rule(rules: tuple[Rule, ...], path: str, shape, dtype) -> Rule | None:
     """The rule that decides a leaf (the first that matches), or None when none does."""
     for r in rules:
         if r.matches(path, tuple(shape), dtype):
@@ -280,7 +281,7 @@ def _select(rules: tuple[Rule, ...], path: str, shape, dtype) -> Rule | None:
     return None
 
 
-def _quantize_leaf(rule: Rule, path: str, x) -> QArray:
+def quantize_leaf(rule: Rule, path: str, x) -> QArray:
     try:
         return rule.quantize(x)
     except (ValueError, TypeError) as e:
@@ -312,17 +313,17 @@ def quantize_tree(tree, rules: Rule | Iterable[Rule]):
         >>> qt["w"].qtype, qt["w"].shape
         ('int4', (4, 8))
     """
-    rules = _as_rules(rules)
+    rules = as_rules(rules)
 
     def fn(path, leaf):
         if not _is_array(leaf):
             return leaf
-        rule = _select(rules, path, leaf.shape, leaf.dtype)
+        rule = select_rule(rules, path, leaf.shape, leaf.dtype)
         if rule is None or rule.dtype is None:
             return leaf
-        return _quantize_leaf(rule, path, leaf)
+        return quantize_leaf(rule, path, leaf)
 
-    return _map(fn, tree, ())
+    return map_leaves(fn, tree, ())
 
 
 def dequantize_tree(tree, dtype=None):
@@ -338,7 +339,7 @@ def dequantize_tree(tree, dtype=None):
     """
     from arrayquant.affine import dequantize
 
-    return _map(
+    return map_leaves(
         lambda _path, leaf: dequantize(leaf, dtype) if isinstance(leaf, QArray) else leaf, tree, ()
     )
 
@@ -434,20 +435,20 @@ def _sqnr(x, qa: QArray) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _leaf_report(path: str, original, new) -> LeafReport:
+def leaf_report(path: str, original, new) -> LeafReport:
     shape = tuple(int(n) for n in original.shape)
     if isinstance(original, QArray):  # already quantized before: nothing to compare with
         return LeafReport(path, shape, original.dtype, original.qtype, original.granularity,
                           original.symmetric, original.nbytes,
-                          new.nbytes if isinstance(new, QArray) else _nbytes(new), None)
-    before = _nbytes(original)
+                          new.nbytes if isinstance(new, QArray) else storage_nbytes(new), None)
+    before = storage_nbytes(original)
     if isinstance(new, QArray):
         return LeafReport(
             path, shape, dtype_name(original.dtype), new.qtype, new.granularity, new.symmetric,
             before, new.nbytes, _sqnr(original, new),
         )
     return LeafReport(path, shape, dtype_name(original.dtype), None, None, None, before,
-                      _nbytes(new), None)
+                      storage_nbytes(new), None)
 
 
 @dataclass(frozen=True)
@@ -516,7 +517,7 @@ class TreeReport:
             )
             for r in rows
         ]
-        lines = _align([head, *body], right=(4, 5, 6))
+        lines = align_columns([head, *body], right=(4, 5, 6))
         if len(rows) < len(self.rows):
             lines.append(f"... {len(self.rows) - len(rows)} more")
         return "\n".join(lines)
@@ -525,7 +526,7 @@ class TreeReport:
         return self.table() + "\n\n" + self.summary()
 
 
-def _align(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+def align_columns(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:
@@ -547,12 +548,12 @@ def tree_report(original, quantized) -> TreeReport:
     Raises:
         ValueError: the two trees do not have the same array leaf paths.
     """
-    before = [(p, leaf) for p, leaf in _flatten(original) if _is_leaf(leaf)]
-    after = [(p, leaf) for p, leaf in _flatten(quantized) if _is_leaf(leaf)]
+    before = [(p, leaf) for p, leaf in _flatten(original) if is_leaf(leaf)]
+    after = [(p, leaf) for p, leaf in _flatten(quantized) if is_leaf(leaf)]
     if [p for p, _ in before] != [p for p, _ in after]:
         missing = sorted({p for p, _ in before} ^ {p for p, _ in after})
         raise ValueError(
             "the trees do not hold the same leaves; pass the original tree and its "
             f"quantize_tree() result (paths in only one of them: {missing[:5]})"
         )
-    return TreeReport(tuple(_leaf_report(p, a, b) for (p, a), (_, b) in zip(before, after)))
+    return TreeReport(tuple(leaf_report(p, a, b) for (p, a), (_, b) in zip(before, after)))
