@@ -196,3 +196,23 @@ def plan_from_scale(
             )
         block.append(b)
     return Blocking(shape, tuple(block))
+
+
+# --------------------------------------------------------------------------- views
+
+
+def to_view(x, b: Blocking, xp):
+    """Pad (with zeros) to whole blocks, then reshape into the split view."""
+    if b.needs_padding:
+        for d, p in enumerate(b.padding):
+            if p:
+                pad_shape = tuple(p if i == d else n for i, n in enumerate(x.shape))
+                x = xp.concat([x, xp.zeros(pad_shape, dtype=x.dtype)], axis=d)
+    return xp.reshape(x, b.view_shape)
+
+
+def from_view(v, b: Blocking, xp):
+    v = xp.reshape(v, b.padded_shape)
+    if b.needs_padding:
+        v = v[tuple(slice(0, n) for n in b.shape)]
+    return v

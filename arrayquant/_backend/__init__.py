@@ -148,3 +148,30 @@ def as_int8_bits(a, xp):
     if is_numpy(xp):
         return a.view(np.int8)
     return xp.astype(a, xp.int8)
+
+
+def exact_divide(a, b, xp):
+    """``a / b`` rounded correctly (to nearest even) on every backend and device.
+
+    XLA:GPU's float32 division is not correctly rounded (on an H200 ``x / b``
+    differed from NumPy at 30% of random values, ``1 / b`` at 13%), which made
+    codes at near-ties differ from NumPy's. For float32 JAX arrays the quotient
+    is built from integer operations (:mod:`arrayquant._backend.jax_divide`),
+    exact on every device; elsewhere it is ``a / b``. ``b`` must be normal, as
+    every stored scale is; quotients below the normal range flush to zero, as
+    XLA flushes subnormals.
+    """
+    if is_jax(xp) and dtype_name(a.dtype) == dtype_name(b.dtype) == "float32":
+        from arrayquant._backend.jax_divide import divide
+
+        return divide(a, b)
+    return a / b
+
+
+def exact_reciprocal(b, xp):
+    """``1 / b`` rounded correctly on every backend and device (see :func:`exact_divide`)."""
+    if is_jax(xp) and dtype_name(b.dtype) == "float32":
+        from arrayquant._backend.jax_divide import reciprocal
+
+        return reciprocal(b)
+    return 1.0 / b

@@ -45,21 +45,25 @@ The semantics, in one place:
 
 from __future__ import annotations
 
-import numpy as np  # only for np.errstate: overflow to inf is intended, then clipped
-
 from arrayquant._backend import (
     compute_dtype,
     dtype_name,
     finfo_limits,
     float_dtype,
-    int_dtype,
-    is_concrete,
     is_float_dtype,
     is_numpy,
     namespace,
     scale_limits,
 )
-from arrayquant.blocking import Blocking, plan, plan_from_scale
+from arrayquant.affine.calibrate import minmax_ranges
+from arrayquant.affine.checks import (
+    check_float_input,
+    raise_if_bad_qparams,
+    raise_if_not_finite,
+)
+from arrayquant.affine.codes import dequantize_codes, quantize_view
+from arrayquant.affine.params import params_from_range, store_zero_point
+from arrayquant.blocking import Blocking, from_view, plan, plan_from_scale, to_view
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QType, as_qtype
 
@@ -69,211 +73,6 @@ __all__ = ["qparams", "quantize_with", "dequantize_with", "quantize", "dequantiz
 _USE_NUMPY_FAST_PATH = True
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _check_float_input(x, xp) -> None:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"expected an array, got {type(x).__name__}")
-    if not is_float_dtype(x.dtype):
-        raise TypeError(
-            f"quantization needs a floating-point array (float16, bfloat16, float32 or "
-            f"float64); got dtype {dtype_name(x.dtype)}"
-        )
-
-
-def _eager(value) -> float | None:
-    """``value`` (a 0-d reduction result) as a Python float, or None under a trace.
-
-    The test is on the *result*: inside ``jax.jit`` an array captured from outside
-    is concrete, but a reduction of it is staged into the trace (a tracer).
-    """
-    return float(value) if is_concrete(value) else None
-
-
-def _fmt(*values: float) -> list[str]:
-    """Short forms (6 significant digits) unless that makes distinct values look equal."""
-    def same(v, w):
-        return v == w or (v != v and w != w)  # NaN prints as itself
-
-    for digits in (6, 9, 17):
-        out = [f"{v:.{digits}g}" for v in values]
-        if all(same(v, w) for v, a in zip(values, out) for w, b in zip(values, out) if a == b):
-            return out
-    return out
-
-
-def _raise_if_not_finite(xp, *arrays, what: str = "x") -> None:
-    """Eager-only check (skipped under a trace): NaN or inf raises ValueError."""
-    for a in arrays:
-        if a is None or _eager(xp.all(xp.isfinite(a))) in (None, 1.0):
-            continue
-        raise ValueError(
-            f"{what} holds NaN or infinite values; quantization needs finite input "
-            "(under jax.jit this check cannot run: see arrayquant.check_finite)"
-        )
-
-
-def _raise_if_scale_above_cap(s, hi: float, qt: QType, sdt, cdt, xp) -> None:
-    """Eager-only: a block whose scale (before clipping) exceeds ``hi`` would saturate."""
-    need = _eager(xp.max(s))
-    if need is None or need <= hi:
-        return
-    sname, cname = dtype_name(sdt), dtype_name(cdt)
-    if sname in ("float16", "bfloat16") and need <= scale_limits("float32", cdt)[1]:
-        fix = "use scale_dtype='float32'"
-    elif cname != "float64":
-        fix = ("quantize x.astype(float64) with scale_dtype='float64' (on JAX, with "
-               "jax_enable_x64)")
-    elif sname != "float64" and need <= scale_limits("float64", cdt)[1]:
-        fix = "use scale_dtype='float64'"
-    else:
-        fix = f"use a qtype with more bits than {qt.name}"
-    need_s, hi_s = _fmt(need, hi)
-    raise ValueError(
-        f"x needs a scale of up to {need_s} for {qt.name} codes, above {hi_s}, the "
-        f"largest {sname} scale (with {cname} arithmetic): values of that block would "
-        f"saturate; {fix}"
-    )
-
-
-def _raise_if_bad_qparams(xp, scale, zero_point, limits, what: str, qt: QType | None) -> None:
-    """Eager-only: scales finite and within ``limits``, zero points in ``qt``'s range.
-
-    One device sync in the normal case (a count of offending values); the smallest
-    and largest values are looked up only to word the error.
-    """
-    lo, hi = limits
-    sc = xp.astype(scale, compute_dtype(xp, scale.dtype))  # exact; NumPy reduces bfloat16
-    bad = _eager(xp.sum(xp.astype(xp.logical_not((sc >= lo) & (sc <= hi)), xp.int32)))
-    if bad:
-        smin, smax = float(xp.min(sc)), float(xp.max(sc))
-        smin_s, smax_s, lo_s, hi_s = _fmt(smin, smax, lo, hi)
-        where = f"{what} must be finite and in [{lo_s}, {hi_s}]"
-        nonfinite = int(xp.sum(xp.astype(xp.logical_not(xp.isfinite(sc)), xp.int32)))
-        if nonfinite:
-            raise ValueError(f"scale holds {nonfinite} NaN or infinite values; {where}")
-        raise ValueError(f"scale holds values from {smin_s} to {smax_s}; {where}")
-    if zero_point is None or qt is None:
-        return
-    zi = xp.astype(zero_point, xp.int32)  # compare without overflowing the storage dtype
-    outside = _eager(xp.sum(xp.astype((zi < qt.qmin) | (zi > qt.qmax), xp.int32)))
-    if outside:
-        zmin, zmax = int(xp.min(zi)), int(xp.max(zi))
-        raise ValueError(
-            f"zero_point holds values from {zmin} to {zmax}; {qt.name} zero points must "
-            f"be in [{qt.qmin}, {qt.qmax}]"
-        )
-
-
-# --------------------------------------------------------------------------- views
-
-
-def _to_view(x, b: Blocking, xp):
-    """Pad (with zeros) to whole blocks, then reshape into the split view."""
-    if b.needs_padding:
-        for d, p in enumerate(b.padding):
-            if p:
-                pad_shape = tuple(p if i == d else n for i, n in enumerate(x.shape))
-                x = xp.concat([x, xp.zeros(pad_shape, dtype=x.dtype)], axis=d)
-    return xp.reshape(x, b.view_shape)
-
-
-def _from_view(v, b: Blocking, xp):
-    v = xp.reshape(v, b.padded_shape)
-    if b.needs_padding:
-        v = v[tuple(slice(0, n) for n in b.shape)]
-    return v
-
-
-# --------------------------------------------------------------------------- math on views
-
-
-def _clip(a, lo: float, hi: float, xp):
-    # Same values as xp.clip (NaN stays NaN); array-api-compat's clip wrapper costs
-    # ~20 us a call, which matters on the NumPy path's many small slabs.
-    return xp.minimum(xp.maximum(a, lo), hi)
-
-
-def _params_from_range(rmin, rmax, qt: QType, symmetric: bool, sdt, cdt, xp):
-    """Scale (stored dtype) and zero point (integer-valued float, or None) from block ranges.
-
-    Written so that NumPy and XLA produce the same bits: XLA flushes subnormals
-    to zero, turns divisions by constants into multiplications, and may fuse
-    a * b - c * d into an FMA. So range ends below 2 * tiny are flushed to zero
-    here explicitly, the scale is floored at 4 * tiny (a flushed value or a
-    subnormal input then always rounds to the zero point, within s / 2) and
-    capped at 1 / tiny (so 1 / s stays normal), and every product is either
-    exact (halving) or not fusable.
-    """
-    tiny_c, _ = finfo_limits(cdt)
-    lo, hi = scale_limits(sdt, cdt)
-    zero = xp.zeros_like(rmin)
-    if symmetric:
-        amax = xp.maximum(rmax, -rmin)
-        amax = xp.where(amax < 2.0 * tiny_c, zero, amax)
-        s = amax * (1.0 / qt.qmax)
-    else:
-        rmin = xp.where(rmin > -2.0 * tiny_c, zero, rmin)  # also extends the range to 0
-        rmax = xp.where(rmax < 2.0 * tiny_c, zero, rmax)
-        # Halving is exact for these values and keeps r_max - r_min from overflowing.
-        s = (rmax * 0.5 - rmin * 0.5) * (2.0 / (qt.qmax - qt.qmin))
-    _raise_if_scale_above_cap(s, hi, qt, sdt, cdt, xp)
-    s = _store_scale(_clip(s, lo, hi, xp), hi, sdt, cdt, xp)
-    if symmetric:
-        return s, None
-    s_c = xp.astype(s, cdt)
-    z = _clip(xp.round(float(qt.qmin) - rmin / s_c), float(qt.qmin), float(qt.qmax), xp)
-    # z stays float (integer-valued) here: quantizing with it directly, rather than
-    # through the stored int8 copy, lets XLA fuse the whole pipeline (1.5x faster).
-    return s, z
-
-
-def _store_scale(s, hi: float, sdt, cdt, xp):
-    """``s`` (compute dtype, in ``[lo, hi]``) in ``sdt``, rounded up: the smallest value >= s.
-
-    A narrower scale dtype that rounded the scale down would leave the top of
-    the range uncovered (16-bit codes with bfloat16 scales then saturated by
-    up to 2**-9 * 65535 codes). ``hi`` is representable, so rounding up stays
-    within it. float32 scales of float32 values, and float64 scales, are exact.
-    """
-    st = xp.astype(s, sdt)
-    if dtype_name(sdt) in (dtype_name(cdt), "float64"):
-        return st
-    up = xp.nextafter(st, xp.asarray(hi, dtype=sdt))
-    return xp.where(xp.astype(st, cdt) < s, up, st)
-
-
-def _store_zero_point(z, qt: QType, xp):
-    return None if z is None else xp.astype(z, int_dtype(xp, qt.storage))
-
-
-def _clip_range(qt: QType, symmetric: bool) -> tuple[float, float]:
-    if symmetric:
-        return float(max(qt.qmin, -qt.qmax)), float(qt.qmax)
-    return float(qt.qmin), float(qt.qmax)
-
-
-def _quantize_view(xv, s, z, qt: QType, cdt, xp):
-    lo, hi = _clip_range(qt, z is None)
-    # x * (1 / s), not x / s: XLA rewrites a division by a broadcast scale into
-    # this form, so writing it out keeps NumPy and JAX codes bit-identical.
-    inv = 1.0 / xp.astype(s, cdt)
-    with np.errstate(over="ignore"):  # a given small scale and a huge x: inf, clipped below
-        q = xp.round(xv * inv)
-    if z is not None:
-        q = q + xp.astype(z, cdt)
-    return xp.astype(_clip(q, lo, hi, xp), int_dtype(xp, qt.storage))
-
-
-def _ranges(xv, b: Blocking, xp):
-    axes = b.reduce_axes
-    return (
-        xp.min(xv, axis=axes, keepdims=True),
-        xp.max(xv, axis=axes, keepdims=True),
-    )
-
-
 def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp):
     cdt = compute_dtype(xp, x.dtype)
     sdt = float_dtype(xp, scale_dtype)
@@ -281,25 +80,25 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
         from arrayquant.affine._numpy import qparams_and_codes
 
         def params(rmin, rmax):
-            s, z = _params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
-            return s, z, _store_zero_point(z, qt, xp)
+            s, z = params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
+            return s, z, store_zero_point(z, qt, xp)
 
         return qparams_and_codes(x, qt, symmetric, b, sdt, want_codes, params)
-    xv = _to_view(xp.astype(x, cdt), b, xp)
-    rmin, rmax = _ranges(xv, b, xp)
+    xv = to_view(xp.astype(x, cdt), b, xp)
+    rmin, rmax = minmax_ranges(xv, b, xp)
     # min/max propagate NaN and inf, so checking the (small) ranges is enough.
-    _raise_if_not_finite(xp, rmin, rmax)
-    s, z = _params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
-    codes = _from_view(_quantize_view(xv, s, z, qt, cdt, xp), b, xp) if want_codes else None
+    raise_if_not_finite(xp, rmin, rmax)
+    s, z = params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
+    codes = from_view(quantize_view(xv, s, z, qt, cdt, xp), b, xp) if want_codes else None
     s = xp.reshape(s, b.scale_shape)
-    z = _store_zero_point(z, qt, xp)
+    z = store_zero_point(z, qt, xp)
     z = None if z is None else xp.reshape(z, b.scale_shape)
     return s, z, codes
 
 
 def _resolve(x, dtype, symmetric, axis, group_size, group_axis):
     xp = namespace(x)
-    _check_float_input(x, xp)
+    check_float_input(x, xp)
     qt = as_qtype(dtype)
     if symmetric and not qt.signed:
         raise ValueError(
@@ -445,7 +244,7 @@ def quantize_with(
             the offending values and the accepted range).
     """
     xp = namespace(x, scale, zero_point)
-    _check_float_input(x, xp)
+    check_float_input(x, xp)
     qt = as_qtype(dtype)
     b = _check_qparams(x.shape, scale, zero_point, group_size, group_axis)
     if zero_point is None and not qt.signed:
@@ -453,31 +252,15 @@ def quantize_with(
             f"zero_point=None (symmetric) needs a signed dtype: {qt.name} codes would clip "
             f"every negative value to 0; pass the zero point, or use {qt.name[1:]}"
         )
-    _raise_if_not_finite(xp, x)
-    _raise_if_bad_qparams(
+    raise_if_not_finite(xp, x)
+    raise_if_bad_qparams(
         xp, scale, zero_point, scale_limits(scale.dtype, x.dtype),
         f"{dtype_name(scale.dtype)} scales with {dtype_name(x.dtype)} values", qt)
     cdt = compute_dtype(xp, x.dtype)
-    xv = _to_view(xp.astype(x, cdt), b, xp)
+    xv = to_view(xp.astype(x, cdt), b, xp)
     s = xp.reshape(scale, b.scale_view_shape)
     z = None if zero_point is None else xp.reshape(zero_point, b.scale_view_shape)
-    return _from_view(_quantize_view(xv, s, z, qt, cdt, xp), b, xp)
-
-
-def _dequantize_codes(codes, scale, zero_point, b: Blocking, out_dtype, xp):
-    cdt = xp.result_type(compute_dtype(xp, scale.dtype), compute_dtype(xp, out_dtype))
-    cv = _to_view(xp.astype(codes, cdt), b, xp)
-    if zero_point is not None:
-        cv = cv - xp.astype(xp.reshape(zero_point, b.scale_view_shape), cdt)
-    with np.errstate(over="ignore"):  # NumPy (and array_api_strict) warn; clipped below
-        out = cv * xp.astype(xp.reshape(scale, b.scale_view_shape), cdt)
-    # Saturate to the output dtype's finite range: s * (q - z) may pass it (q_min * s
-    # when z rounds to 0, or a scale rounded up), while every input lies inside it.
-    # xp.clip, not _clip: one pass over a full-size array (NumPy: 11 ms against 29 ms
-    # for maximum + minimum at 4096 x 4096), and its per-call overhead does not matter.
-    big = finfo_limits(out_dtype)[1]
-    out = xp.clip(out, -big, big)
-    return xp.astype(_from_view(out, b, xp), out_dtype, copy=False)
+    return from_view(quantize_view(xv, s, z, qt, cdt, xp), b, xp)
 
 
 def dequantize_with(
@@ -511,9 +294,9 @@ def dequantize_with(
     # long as the products stay normal in the compute dtype (XLA flushes subnormals).
     tiny_s, big_s = finfo_limits(scale.dtype)
     tiny_c = finfo_limits(compute_dtype(xp, scale.dtype))[0]
-    _raise_if_bad_qparams(xp, scale, None, (max(tiny_s, tiny_c), big_s),
+    raise_if_bad_qparams(xp, scale, None, (max(tiny_s, tiny_c), big_s),
                           f"{dtype_name(scale.dtype)} scales", None)
-    return _dequantize_codes(codes, scale, zero_point, b, out_dtype, xp)
+    return dequantize_codes(codes, scale, zero_point, b, out_dtype, xp)
 
 
 def quantize(
@@ -573,4 +356,4 @@ def dequantize(qa: QArray, dtype=None):
     xp = namespace(qa.data, qa.scale, qa.zero_point)
     out_dtype = float_dtype(xp, qa.dtype if dtype is None else dtype)
     b = Blocking(qa.shape, qa.block_shape)
-    return _dequantize_codes(qa.codes, qa.scale, qa.zero_point, b, out_dtype, xp)
+    return dequantize_codes(qa.codes, qa.scale, qa.zero_point, b, out_dtype, xp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from arrayquant.affine.checks import NONFINITE_MESSAGE
 from arrayquant.blocking import Blocking
 
 __all__ = ["qparams_and_codes"]
@@ -26,10 +27,7 @@ _SLAB_BYTES = 1 << 21
 def _finite_or_raise(*arrays) -> None:
     for a in arrays:
         if not np.isfinite(a).all():
-            raise ValueError(
-                "x holds NaN or infinite values; quantization needs finite input "
-                "(under jax.jit this check cannot run: see arrayquant.check_finite)"
-            )
+            raise ValueError(NONFINITE_MESSAGE.format(what="x"))
 
 
 def _view(x: np.ndarray, b: Blocking) -> np.ndarray:

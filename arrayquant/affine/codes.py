@@ -1,0 +1,40 @@
+"""Codes from parameters and back: the third affine step, on split views."""
+
+from __future__ import annotations
+
+import numpy as np  # only for np.errstate: overflow to inf is intended, then clipped
+
+from arrayquant._backend import compute_dtype, exact_reciprocal, finfo_limits, int_dtype
+from arrayquant.affine.params import clip, clip_range
+from arrayquant.blocking import Blocking, from_view, to_view
+from arrayquant.qtypes import QType
+
+
+def quantize_view(xv, s, z, qt: QType, cdt, xp):
+    lo, hi = clip_range(qt, z is None)
+    # x * (1 / s), not x / s: XLA rewrites a division by a broadcast scale into
+    # this form, so writing it out keeps NumPy and JAX codes bit-identical. The
+    # reciprocal is correctly rounded on every device (XLA:GPU's is not; see
+    # exact_reciprocal), and products are exact everywhere.
+    inv = exact_reciprocal(xp.astype(s, cdt), xp)
+    with np.errstate(over="ignore"):  # a given small scale and a huge x: inf, clipped below
+        q = xp.round(xv * inv)
+    if z is not None:
+        q = q + xp.astype(z, cdt)
+    return xp.astype(clip(q, lo, hi, xp), int_dtype(xp, qt.storage))
+
+
+def dequantize_codes(codes, scale, zero_point, b: Blocking, out_dtype, xp):
+    cdt = xp.result_type(compute_dtype(xp, scale.dtype), compute_dtype(xp, out_dtype))
+    cv = to_view(xp.astype(codes, cdt), b, xp)
+    if zero_point is not None:
+        cv = cv - xp.astype(xp.reshape(zero_point, b.scale_view_shape), cdt)
+    with np.errstate(over="ignore"):  # NumPy (and array_api_strict) warn; clipped below
+        out = cv * xp.astype(xp.reshape(scale, b.scale_view_shape), cdt)
+    # Saturate to the output dtype's finite range: s * (q - z) may pass it (q_min * s
+    # when z rounds to 0, or a scale rounded up), while every input lies inside it.
+    # xp.clip, not clip: one pass over a full-size array (NumPy: 11 ms against 29 ms
+    # for maximum + minimum at 4096 x 4096), and its per-call overhead does not matter.
+    big = finfo_limits(out_dtype)[1]
+    out = xp.clip(out, -big, big)
+    return xp.astype(from_view(out, b, xp), out_dtype, copy=False)
