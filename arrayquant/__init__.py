@@ -8,7 +8,14 @@
 
 from arrayquant._backend import scale_limits
 from arrayquant._backend.jaxtools import install_hook as _install_jax_hook
-from arrayquant.affine import dequantize, dequantize_with, qparams, quantize, quantize_with
+from arrayquant.affine import (
+    dequantize,
+    dequantize_with,
+    qparams,
+    qparams_from_range,
+    quantize,
+    quantize_with,
+)
 from arrayquant.checkpoint import (
     CheckpointError,
     checkpoint_info,
@@ -81,6 +88,7 @@ __all__ = [
     "packed_length",
     "plot_quantization_error",
     "qparams",
+    "qparams_from_range",
     "quantize_activations",
     "quantize",
     "quantize_checkpoint",

@@ -1,8 +1,13 @@
-"""Quantized integer types: names, bit widths, ranges and storage dtypes.
+"""Quantized types: kind, names, bit widths, ranges and storage dtypes.
 
-A quantized type ("qtype") is a static Python value. Its codes live in the
-smallest standard integer dtype that holds them (int8 / uint8 for the sub-byte
-types), restricted to the n-bit range.
+A quantized type ("qtype") is a static Python value. Today every qtype is of
+kind ``"int"``: its codes live in the smallest standard integer dtype that
+holds them (int8 / uint8 for the sub-byte types), restricted to the n-bit
+range, and ``round -> clip -> cast`` encodes them. The ``kind`` is where float
+(FP8, FP4) and microscaling encodings go: a new kind brings its own code range,
+storage dtype and encode/decode, and the quantize step
+(:func:`arrayquant.affine.codes.quantize_view`) dispatches on it (see
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ __all__ = ["QType", "as_qtype", "QTYPE_NAMES"]
 QTYPE_NAMES = ("int2", "uint2", "int4", "uint4", "int8", "uint8", "int16", "uint16")
 
 
+KINDS = ("int",)
+
+
 @dataclass(frozen=True)
 class QType:
-    """A signed or unsigned integer type of ``bits`` bits.
+    """A signed or unsigned integer type of ``bits`` bits (``kind="int"``).
 
     ``qmin``/``qmax`` are the n-bit two's complement (signed) or unsigned range,
     for example ``int4`` -> [-8, 7] and ``uint4`` -> [0, 15].
@@ -27,6 +35,11 @@ class QType:
 
     bits: int
     signed: bool
+    kind: str = "int"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown qtype kind {self.kind!r}; expected one of {KINDS}")
 
     @property
     def name(self) -> str:

@@ -744,3 +744,47 @@ def test_the_cap_error_names_the_largest_scale_of_every_slab():
             aq.affine._USE_NUMPY_FAST_PATH = old
         messages.append(str(e.value))
     assert messages[0] == messages[1] and "3.92157e+09" in messages[0], messages
+
+
+@pytest.mark.parametrize(
+    ("dtype", "symmetric", "kw", "ranges"),
+    [
+        ("uint4", False, {"group_size": 16},
+         lambda x, f: f(x.reshape(6, 4, 16), axis=-1)),
+        ("int8", True, {"axis": 0}, lambda x, f: f(x, axis=1, keepdims=True)),
+        ("int4", False, {}, lambda x, f: f(x, keepdims=True)),
+        ("uint8", False, {"axis": 1}, lambda x, f: f(x, axis=0, keepdims=True)),
+    ],
+)
+def test_qparams_from_range_is_qparams_on_block_ranges(backend, call, dtype, symmetric, kw,
+                                                       ranges):
+    """The three steps compose: ranges per block -> qparams_from_range -> quantize_with
+    gives exactly what qparams and quantize give (a calibration method is one function)."""
+    x32 = (np.random.default_rng(11).standard_normal((6, 64)) * 3 + 0.5).astype(np.float32)
+    x = backend.asarray(x32)
+    rmin = backend.asarray(ranges(x32, np.min))
+    rmax = backend.asarray(ranges(x32, np.max))
+    s, z = call(aq.qparams_from_range)(rmin, rmax, dtype, symmetric)
+    s_ref, z_ref = call(aq.qparams)(x, dtype, symmetric, **kw)
+    np.testing.assert_array_equal(backend.to_numpy(s), backend.to_numpy(s_ref))
+    if symmetric:
+        assert z is None and z_ref is None
+    else:
+        np.testing.assert_array_equal(backend.to_numpy(z), backend.to_numpy(z_ref))
+    codes = call(aq.quantize_with)(x, s, z, dtype, group_size=kw.get("group_size"))
+    expected = call(aq.quantize)(x, dtype, symmetric, **kw).codes
+    np.testing.assert_array_equal(backend.to_numpy(codes), backend.to_numpy(expected))
+
+
+def test_qparams_from_range_errors():
+    r = np.zeros((2, 1), np.float32)
+    with pytest.raises(ValueError, match=r"rmin of shape \(2, 1\) and rmax of shape \(1, 2\)"):
+        aq.qparams_from_range(r, r.T)
+    with pytest.raises(TypeError, match="floating-point"):
+        aq.qparams_from_range(np.zeros(2, np.int32), np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="symmetric=True needs a signed dtype"):
+        aq.qparams_from_range(r, r, "uint8", True)
+    with pytest.raises(ValueError, match="the range holds NaN or infinite values"):
+        aq.qparams_from_range(r, np.full((2, 1), np.inf, np.float32))
+    with pytest.raises(ValueError, match="unknown quantized dtype"):
+        aq.qparams_from_range(r, r, "int3")

@@ -180,3 +180,10 @@ def test_a_qtype_given_as_an_integer_dtype_is_normalized_to_its_name():
     qa = aq.QArray(codes, np.ones((1, 1), np.float32), None, np.int8, (2, 3), np.float32, (2, 3))
     assert qa.qtype == "int8" and qa.dtype == "float32"
     np.testing.assert_array_equal(aq.dequantize(qa), np.zeros((2, 3), np.float32))
+
+
+def test_qtype_kind():
+    qt = aq.as_qtype("uint4")
+    assert (qt.kind, qt.bits, qt.signed, qt.qmin, qt.qmax) == ("int", 4, False, 0, 15)
+    with pytest.raises(ValueError, match="unknown qtype kind 'float'"):
+        aq.QType(4, True, "float")

@@ -62,12 +62,19 @@ from arrayquant.affine.checks import (
     raise_if_not_finite,
 )
 from arrayquant.affine.codes import dequantize_codes, quantize_view
-from arrayquant.affine.params import params_from_range, store_zero_point
+from arrayquant.affine.params import (
+    check_symmetric,
+    params_from_range,
+    qparams_from_range,
+    store_zero_point,
+)
 from arrayquant.blocking import Blocking, from_view, plan, plan_from_scale, to_view
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QType, as_qtype
 
-__all__ = ["qparams", "quantize_with", "dequantize_with", "quantize", "dequantize"]
+__all__ = [
+    "qparams", "qparams_from_range", "quantize_with", "dequantize_with", "quantize", "dequantize",
+]
 
 # Tests flip this to compare the NumPy fast path with the generic one.
 _USE_NUMPY_FAST_PATH = True
@@ -100,11 +107,7 @@ def _resolve(x, dtype, symmetric, axis, group_size, group_axis):
     xp = namespace(x)
     check_float_input(x, xp)
     qt = as_qtype(dtype)
-    if symmetric and not qt.signed:
-        raise ValueError(
-            f"symmetric=True needs a signed dtype (zero point 0 leaves no room for negative "
-            f"values in {qt.name}); use {qt.name[1:]} or symmetric=False"
-        )
+    check_symmetric(qt, symmetric)
     if isinstance(axis, list):
         axis = tuple(axis)
     b = plan(tuple(x.shape), axis, group_size, group_axis)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from arrayquant._backend import dtype_name, exact_divide, finfo_limits, int_dtype, scale_limits
-from arrayquant.affine.checks import raise_if_scale_above_cap
-from arrayquant.qtypes import QType
+from arrayquant._backend import (
+    compute_dtype,
+    dtype_name,
+    exact_divide,
+    finfo_limits,
+    float_dtype,
+    int_dtype,
+    namespace,
+    scale_limits,
+)
+from arrayquant.affine.checks import (
+    check_float_input,
+    raise_if_not_finite,
+    raise_if_scale_above_cap,
+)
+from arrayquant.qtypes import QType, as_qtype
 
 
 def clip(a, lo: float, hi: float, xp):
@@ -71,3 +84,64 @@ def clip_range(qt: QType, symmetric: bool) -> tuple[float, float]:
     if symmetric:
         return float(max(qt.qmin, -qt.qmax)), float(qt.qmax)
     return float(qt.qmin), float(qt.qmax)
+
+
+def qparams_from_range(rmin, rmax, dtype="int8", symmetric: bool = False, *,
+                       scale_dtype="float32"):
+    """Scale and zero point from given ranges: the second of the three affine steps.
+
+    ``rmin`` and ``rmax`` hold one range per block, in any shape (usually the
+    scale shape that :func:`arrayquant.qparams` returns, so that the result
+    feeds :func:`arrayquant.quantize_with`). The formulas are exactly those of
+    :func:`arrayquant.qparams`, which is this function applied to the min and
+    max of each block: asymmetric ranges are first extended to hold 0;
+    symmetric uses ``max(r_max, -r_min)``. A calibration method (percentiles,
+    an MSE search, statistics gathered over many batches) only has to produce
+    the ranges.
+
+    Args:
+        rmin, rmax: floating arrays of the same shape (float16, bfloat16,
+            float32 or float64); arithmetic runs in float32, or float64 for
+            float64 ranges.
+        dtype, symmetric, scale_dtype: as for :func:`arrayquant.qparams`.
+
+    Returns:
+        ``(scale, zero_point)`` of the shape of ``rmin``; ``zero_point`` is
+        ``None`` when ``symmetric``.
+
+    Raises:
+        TypeError: non-float ranges. ValueError: shapes differ; unknown
+            ``dtype``; symmetric with an unsigned type; eager mode only: NaN or
+            inf in the ranges, or a range that needs a scale above the cap.
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> s, z = aq.qparams_from_range(np.float32([-1.0]), np.float32([3.0]), "uint8")
+        >>> round(float(s[0]) * 255, 5), int(z[0])
+        (4.0, 64)
+    """
+    xp = namespace(rmin, rmax)
+    for r in (rmin, rmax):
+        check_float_input(r, xp)
+    if tuple(rmin.shape) != tuple(rmax.shape):
+        raise ValueError(
+            f"rmin of shape {tuple(rmin.shape)} and rmax of shape {tuple(rmax.shape)} "
+            "differ; expected one range end of each per block, in the same shape"
+        )
+    qt = as_qtype(dtype)
+    check_symmetric(qt, symmetric)
+    raise_if_not_finite(xp, rmin, rmax, what="the range")
+    cdt = xp.result_type(compute_dtype(xp, rmin.dtype), compute_dtype(xp, rmax.dtype))
+    sdt = float_dtype(xp, scale_dtype)
+    s, z = params_from_range(xp.astype(rmin, cdt), xp.astype(rmax, cdt), qt, symmetric,
+                             sdt, cdt, xp)
+    return s, store_zero_point(z, qt, xp)
+
+
+def check_symmetric(qt: QType, symmetric: bool) -> None:
+    """Symmetric quantization needs a signed type (one wording, for every entry point)."""
+    if symmetric and not qt.signed:
+        raise ValueError(
+            f"symmetric=True needs a signed dtype (zero point 0 leaves no room for negative "
+            f"values in {qt.name}); use {qt.name[1:]} or symmetric=False"
+        )
