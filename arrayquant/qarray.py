@@ -67,6 +67,13 @@ class QArray:
     original float dtype's name), ``block_shape`` (the granularity) and
     ``packed_axis`` (the axis packed into bytes, or ``None``).
 
+    Stacked QArrays: the arrays may carry leading batch axes (stacked layers,
+    as ``jax.vmap(aq.quantize)`` or ``aq.quantize(ws, ..., batch_axes=1)``
+    give), ``batch_shape``, in front of one item's ``shape``; every item has
+    the same static metadata. ``qa[i]`` is the ``i``-th item, ``jax.lax.scan``
+    over a stacked QArray hands one item per step, and dequantizing gives
+    ``batch_shape + shape``.
+
     Build one with :func:`arrayquant.quantize`; it is frozen. Construction
     checks the metadata and, for array fields (anything with ``shape`` and
     ``dtype``), their shapes and dtypes; lists for ``shape`` / ``block_shape``
@@ -107,14 +114,23 @@ class QArray:
         data_shape = tuple(
             packed_length(n, qt.bits) if d == packed else n for d, n in enumerate(self.shape)
         )
+        # Leading axes beyond one item's rank are batch axes (stacked items), the same
+        # for every array field.
+        if not (hasattr(self.data, "shape") and hasattr(self.data, "dtype")):
+            raise TypeError(f"QArray data must be an array, got {type(self.data).__name__}")
+        nb = max(len(self.data.shape) - len(self.shape), 0)
+        batch = tuple(self.data.shape[:nb])
+        if batch:
+            why = f"{why}, batch_shape {batch}"
         if packed is None:
-            _check_array(self.data, "data", data_shape, (qt.storage,), why)
+            _check_array(self.data, "data", batch + data_shape, (qt.storage,), why)
         else:
-            _check_array(self.data, "data", data_shape, ("uint8",),
+            _check_array(self.data, "data", batch + data_shape, ("uint8",),
                          f"{why}, packed along axis {packed}")
-        _check_array(self.scale, "scale", b.scale_shape, _FLOATS, why)
+        _check_array(self.scale, "scale", batch + b.scale_shape, _FLOATS, why)
         if self.zero_point is not None:
-            _check_array(self.zero_point, "zero_point", b.scale_shape, (qt.storage,), why)
+            _check_array(self.zero_point, "zero_point", batch + b.scale_shape, (qt.storage,),
+                         why)
 
     def _check_static(self) -> QType:
         """Check and normalize the static fields; return the qtype."""
@@ -165,8 +181,21 @@ class QArray:
     @classmethod
     def _from_parts(cls, static, children) -> QArray:
         # JAX rebuilds QArrays from arbitrary leaves (tracers, None, object()
-        # sentinels, ShapeDtypeStructs, arrays with a vmap batch axis) and static
-        # metadata that was checked when the original was built: no checks here.
+        # sentinels, ShapeDtypeStructs, arrays with a vmap batch axis, float0
+        # cotangents) and static metadata that was checked when the original was
+        # built: no checks here but one. Codes turned into floats are always a
+        # mistake (a dtype cast mapped over a whole tree), and products would run on
+        # them silently.
+        for name, child in zip(("data", "zero_point"), (children[0], children[2])):
+            dt = getattr(child, "dtype", None)
+            if dt is not None and dtype_name(dt) in _FLOATS:
+                raise TypeError(
+                    f"QArray {name} would become {dtype_name(dt)} (qtype {static[0]}): a dtype "
+                    "cast mapped over a tree also reached the integer codes of a QArray. "
+                    "Cast only the float leaves, e.g. jax.tree.map(f, tree, is_leaf=lambda a: "
+                    "isinstance(a, aq.QArray)) with f returning QArrays unchanged, or "
+                    "aq.cast_floats(tree, dtype)"
+                )
         qa = object.__new__(cls)
         for name, value in zip(("data", "scale", "zero_point", *cls._static_names),
                                (*children, *static)):
@@ -175,20 +204,52 @@ class QArray:
 
     @property
     def codes(self):
-        """The integer codes, one per element, shaped like the original array."""
+        """The integer codes, one per element, shaped ``batch_shape + shape``."""
         if self.packed_axis is None:
             return self.data
         from arrayquant.packing import unpack
 
         qt = as_qtype(self.qtype)
+        nb = len(self.batch_shape)
         return unpack(
-            self.data, qt.bits, self.shape[self.packed_axis], axis=self.packed_axis,
+            self.data, qt.bits, self.shape[self.packed_axis], axis=nb + self.packed_axis,
             signed=qt.signed,
         )
 
     @property
     def ndim(self) -> int:
+        """Rank of one item (``len(shape)``); batch axes are ``batch_shape``."""
         return len(self.shape)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading batch axes of a stacked QArray (``()`` for a single array)."""
+        return tuple(self.data.shape[: max(len(self.data.shape) - len(self.shape), 0)])
+
+    def blocking(self) -> Blocking:
+        """The blocking of the whole stored array: blocks of one element along batch axes."""
+        nb = len(self.batch_shape)
+        return Blocking(self.batch_shape + self.shape, (1,) * nb + self.block_shape)
+
+    def __getitem__(self, index) -> QArray:
+        """Item(s) of a stacked QArray: ``qa[i]``, ``qa[i:j]``, ``qa[i, j]`` index batch axes."""
+        batch = self.batch_shape
+        idx = index if isinstance(index, tuple) else (index,)
+        if not batch or len(idx) > len(batch) or any(
+                i is Ellipsis or i is None for i in idx):
+            raise TypeError(
+                f"QArray indexing selects items of a stacked QArray along its batch axes "
+                f"(batch_shape {batch}); got index {index!r}. Dequantize first to index "
+                "elements"
+            )
+        idx = (*idx, Ellipsis)  # the array API wants the item axes spelled out
+        zp = None if self.zero_point is None else self.zero_point[idx]
+        return QArray._from_parts(self._static(), (self.data[idx], self.scale[idx], zp))
+
+    def __len__(self) -> int:
+        if not self.batch_shape:
+            raise TypeError("len() of a QArray without batch axes; use qa.shape")
+        return self.batch_shape[0]
 
     @property
     def symmetric(self) -> bool:
@@ -200,7 +261,7 @@ class QArray:
 
     @property
     def granularity(self) -> str:
-        """``per-tensor``, ``per-axis(k)`` or ``per-group(g, axis=k)``."""
+        """``per-tensor``, ``per-axis(k)`` or ``per-group(g, axis=k)`` (of one item)."""
         return Blocking(self.shape, self.block_shape).describe()
 
     @property
@@ -211,7 +272,7 @@ class QArray:
     @property
     def bits_per_element(self) -> float:
         """Stored bits per original element, metadata arrays included."""
-        return 8 * self.nbytes / math.prod(self.shape)
+        return 8 * self.nbytes / math.prod(self.batch_shape + self.shape)
 
     def dequantize(self, dtype=None):
         """``scale * (codes - zero_point)`` in the original dtype (or ``dtype``).
@@ -226,7 +287,8 @@ class QArray:
     def __repr__(self) -> str:
         packed = f", packed_axis={self.packed_axis}" if self.packed_axis is not None else ""
         sym = "symmetric" if self.symmetric else "asymmetric"
+        batch = f"batch_shape={self.batch_shape}, " if self.batch_shape else ""
         return (
-            f"QArray(qtype={self.qtype}, shape={self.shape}, dtype={self.dtype}, "
+            f"QArray(qtype={self.qtype}, {batch}shape={self.shape}, dtype={self.dtype}, "
             f"{self.granularity}, {sym}{packed})"
         )

@@ -103,14 +103,26 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
     return s, z, codes
 
 
-def _resolve(x, dtype, symmetric, axis, group_size, group_axis):
+def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int = 0):
+    """Namespace, qtype and blocking; with ``batch_axes=k`` the granularity arguments
+    refer to one item (the shape after the first ``k`` axes), and the blocking of the
+    whole array has blocks of one element along the batch axes."""
     xp = namespace(x)
     check_float_input(x, xp)
     qt = as_qtype(dtype)
     check_symmetric(qt, symmetric)
     if isinstance(axis, list):
         axis = tuple(axis)
-    b = plan(tuple(x.shape), axis, group_size, group_axis)
+    shape = tuple(x.shape)
+    if isinstance(batch_axes, bool) or not isinstance(batch_axes, int) or not (
+            0 <= batch_axes <= len(shape)):
+        raise ValueError(
+            f"batch_axes={batch_axes!r} does not fit x of shape {shape}: expected an int in "
+            f"[0, {len(shape)}], the number of leading axes that stack items"
+        )
+    b = plan(shape[batch_axes:], axis, group_size, group_axis)
+    if batch_axes:
+        b = Blocking(shape, (1,) * batch_axes + b.block)
     return xp, qt, b
 
 
@@ -311,12 +323,19 @@ def quantize(
     group_axis: int = -1,
     *,
     scale_dtype="float32",
+    batch_axes: int = 0,
 ) -> QArray:
     """Quantize ``x`` into a :class:`QArray` (scale and zero point from :func:`qparams`).
 
     Same arguments and errors as :func:`qparams`. Sub-byte types (int2, int4,
     uint2, uint4) are stored packed along the last axis (see
     :mod:`arrayquant.packing`); ``qa.codes`` always gives one code per element.
+
+    ``batch_axes=k`` stacks items: the first ``k`` axes of ``x`` index
+    independent items (layers), each quantized as ``quantize(x[i], ...)``
+    would, with ``axis`` / ``group_axis`` counted within one item. The result
+    is a stacked QArray (``qa.batch_shape == x.shape[:k]``), the same as
+    ``jax.vmap`` of ``quantize`` gives.
 
     Example:
         >>> import numpy as np, arrayquant as aq
@@ -326,19 +345,21 @@ def quantize(
         >>> float(np.max(np.abs(aq.dequantize(qa) - np.linspace(-1, 1, 8)))) < 0.1
         True
     """
-    xp, qt, b = _resolve(x, dtype, symmetric, axis, group_size, group_axis)
+    xp, qt, b = _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes)
     s, z, codes = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp)
-    return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), xp)
+    return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes)
 
 
-def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, xp) -> QArray:
+def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, nb: int) -> QArray:
+    """The container, with the storage rule: sub-byte codes packed along the last axis."""
     packed_axis = None
-    if qt.bits < 8 and len(b.shape) > 0:
+    item, block = b.shape[nb:], b.block[nb:]
+    if qt.bits < 8 and len(item) > 0:
         from arrayquant.packing import pack
 
-        packed_axis = len(b.shape) - 1
-        codes = pack(codes, qt.bits, axis=packed_axis, _checked=True)
-    return QArray(codes, s, z, qt.name, b.shape, orig_dtype, b.block, packed_axis)
+        packed_axis = len(item) - 1
+        codes = pack(codes, qt.bits, axis=nb + packed_axis, _checked=True)
+    return QArray(codes, s, z, qt.name, item, orig_dtype, block, packed_axis)
 
 
 def dequantize(qa: QArray, dtype=None):
@@ -358,5 +379,4 @@ def dequantize(qa: QArray, dtype=None):
         )
     xp = namespace(qa.data, qa.scale, qa.zero_point)
     out_dtype = float_dtype(xp, qa.dtype if dtype is None else dtype)
-    b = Blocking(qa.shape, qa.block_shape)
-    return dequantize_codes(qa.codes, qa.scale, qa.zero_point, b, out_dtype, xp)
+    return dequantize_codes(qa.codes, qa.scale, qa.zero_point, qa.blocking(), out_dtype, xp)

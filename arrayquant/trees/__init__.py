@@ -275,3 +275,29 @@ def dequantize_tree(tree, dtype=None):
         lambda _path, leaf: dequantize(leaf, dtype) if isinstance(leaf, QArray) else leaf, tree, ()
     )
 
+
+
+def cast_floats(tree, dtype):
+    """The same tree with every floating array leaf cast to ``dtype``; QArrays unchanged.
+
+    The safe form of ``jax.tree.map(lambda a: a.astype(dtype), tree)``, which
+    would also reach a QArray's integer codes (arrayquant refuses that with a
+    TypeError rather than let products run on float codes). Integer and
+    non-array leaves are returned as they are.
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> t = {"w": aq.quantize(np.ones((2, 4), np.float32), "int8"), "b": np.zeros(2)}
+        >>> out = aq.cast_floats(t, np.float16)
+        >>> out["b"].dtype, out["w"].data.dtype
+        (dtype('float16'), dtype('int8'))
+    """
+    from arrayquant._backend import float_dtype, namespace
+
+    def cast(_path, leaf):
+        if isinstance(leaf, QArray) or not is_array(leaf) or not is_float_dtype(leaf.dtype):
+            return leaf
+        xp = namespace(leaf)
+        return xp.astype(leaf, float_dtype(xp, dtype))
+
+    return map_leaves(cast, tree, ())

@@ -1,0 +1,114 @@
+"""Stacked QArrays (leading batch axes: stacked layers) and dtype casts over trees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import arrayquant as aq
+
+CASES = [
+    ("uint4", False, {"group_size": 16}),
+    ("int4", True, {"axis": 0}),
+    ("int8", True, {"axis": 0}),
+    ("int2", False, {}),
+    ("uint8", False, {"group_size": 5, "group_axis": 0}),
+]
+
+
+def _stack(rng, lead=(3,)):
+    return (rng.standard_normal((*lead, 6, 33)) * 2 + 0.3).astype(np.float32)
+
+
+@pytest.mark.parametrize(("dtype", "sym", "kw"), CASES)
+def test_batch_axes_quantize_each_item_alone(backend, call, dtype, sym, kw):
+    ws = _stack(np.random.default_rng(1))
+    qa = call(aq.quantize)(backend.asarray(ws), dtype, sym, batch_axes=1, **kw)
+    assert qa.batch_shape == (3,) and qa.shape == (6, 33) and len(qa) == 3
+    assert "batch_shape=(3,)" in repr(qa)
+    total = 0
+    for i in range(3):
+        one = aq.quantize(backend.asarray(ws[i]), dtype, sym, **kw)
+        item = qa[i]
+        assert item.batch_shape == () and item.shape == one.shape
+        for name in ("data", "scale", "zero_point"):
+            np.testing.assert_array_equal(backend.to_numpy(getattr(item, name)),
+                                          backend.to_numpy(getattr(one, name)))
+        total += one.nbytes
+    assert qa.nbytes == total
+    assert qa.bits_per_element == pytest.approx(8 * total / ws.size)
+    x_hat = backend.to_numpy(call(aq.dequantize)(qa))
+    assert x_hat.shape == ws.shape
+    for i in range(3):
+        np.testing.assert_array_equal(
+            x_hat[i], backend.to_numpy(aq.dequantize(aq.quantize(backend.asarray(ws[i]),
+                                                                 dtype, sym, **kw))))
+    codes = backend.to_numpy(qa.codes)
+    assert codes.shape == ws.shape
+    np.testing.assert_array_equal(codes[1], backend.to_numpy(qa[1].codes))
+    # Slices keep batch axes; two batch axes index like arrays.
+    assert qa[1:].batch_shape == (2,)
+    q2 = aq.quantize(backend.asarray(_stack(np.random.default_rng(2), (2, 2))), dtype, sym,
+                     batch_axes=2, **kw)
+    assert q2.batch_shape == (2, 2) and q2[1, 0].batch_shape == () and q2[1].batch_shape == (2,)
+
+
+def test_vmap_and_scan_give_stacked_qarrays():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    ws = _stack(np.random.default_rng(3))
+    for dtype, sym, kw in CASES:
+        qv = jax.vmap(lambda w, dtype=dtype, sym=sym, kw=kw: aq.quantize(w, dtype, sym, **kw))(
+            jnp.asarray(ws))
+        qb = aq.quantize(jnp.asarray(ws), dtype, sym, batch_axes=1, **kw)
+        assert qv.batch_shape == (3,) and qv.shape == (6, 33)
+        for name in ("data", "scale", "zero_point"):
+            a, b = getattr(qv, name), getattr(qb, name)
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 33)), jnp.float32)
+
+        def layer(h, q, x=x):
+            return h, aq.dequantize(q) @ x.T  # one layer's (6, 33) weight per step
+
+        _, ys = jax.lax.scan(layer, 0.0, qv)
+        expected = np.stack([np.asarray(aq.dequantize(qb[i]) @ x.T) for i in range(3)])
+        np.testing.assert_allclose(np.asarray(ys), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_errors(backend):
+    ws = backend.asarray(_stack(np.random.default_rng(5)))
+    w0 = backend.asarray(_stack(np.random.default_rng(5))[0])
+    for bad in (-1, 4, 1.0, True):
+        with pytest.raises(ValueError, match="batch_axes="):
+            aq.quantize(ws, "int8", batch_axes=bad)
+    qa = aq.quantize(w0, "int8")
+    with pytest.raises(TypeError, match="items of a stacked QArray"):
+        qa[0]
+    with pytest.raises(TypeError, match="len\\(\\) of a QArray without batch axes"):
+        len(qa)
+    qs = aq.quantize(ws, "int8", batch_axes=1)
+    with pytest.raises(TypeError, match="items of a stacked QArray"):
+        qs[0, 0]
+    with pytest.raises(ValueError, match="scale has shape"):
+        aq.QArray(qs.data, qs.scale[:2, ...], qs.zero_point, "int8", qs.shape, "float32",
+                  qs.block_shape)
+
+
+def test_dtype_cast_over_a_tree_never_reaches_codes_silently():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    tree = {"w": aq.quantize(jnp.ones((4, 8)), "uint4", group_size=4),
+            "b": jnp.zeros(4), "n": jnp.arange(3)}
+    with pytest.raises(TypeError, match="QArray data would become bfloat16"):
+        jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+    out = aq.cast_floats(tree, "bfloat16")
+    assert out["b"].dtype == jnp.bfloat16 and out["n"].dtype == tree["n"].dtype
+    assert out["w"] is tree["w"]
+    # Gradients with respect to a tree holding QArrays still work (float0 cotangents).
+    g = jax.grad(lambda t: aq.dequantize(t["w"]).sum() + t["b"].sum(), allow_int=True)(tree)
+    assert isinstance(g["w"], aq.QArray)
+    out_np = aq.cast_floats({"w": aq.quantize(np.ones((2, 4), np.float32), "int8"),
+                             "b": np.zeros(2)}, "float16")
+    assert out_np["b"].dtype == np.float16 and out_np["w"].data.dtype == np.int8
