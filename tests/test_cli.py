@@ -291,7 +291,7 @@ def test_sigterm_during_quantize_leaves_no_temporary(ckpt, tmp_path, existing):
         out.write_bytes(b"old")
     slow_cli = (
         "import sys, time\n"
-        "import arrayquant.checkpoint as c\n"
+        "import arrayquant.checkpoint.convert as c\n"
         "from arrayquant.apps import cli\n"
         "def slow(*args):\n"
         "    print('ready', flush=True)\n"
