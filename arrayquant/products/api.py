@@ -145,8 +145,8 @@ def linear(x, w, bias=None, *, act_dtype=None, act_symmetric: bool = True,
 
             Weight-only:
 
-            - ``"dequantize"``: generic: x @ dequantize(w).T
-            - ``"epilogue"``: (x @ codes.T) * s - rowsum(x) * (s z); scale constant along in
+            - ``"dequantize"``: generic: ``x @ dequantize(w).T``
+            - ``"epilogue"``: ``(x @ codes.T) * s - rowsum(x) * (s z)``; scale constant along in
             - ``"grouped"``: one batched contraction over the groups along in
             - ``"fields"``: contracts the bit fields of packed bytes, never interleaving the codes
             - ``"slabs"``: dequantizes 1 MiB slabs of output rows, each multiplied while in cache
@@ -154,10 +154,10 @@ def linear(x, w, bias=None, *, act_dtype=None, act_symmetric: bool = True,
 
             Integer:
 
-            - ``"int32"``: generic: (qx - zx) @ (qw - zw).T as an int32 matmul
+            - ``"int32"``: generic: ``(qx - zx) @ (qw - zw).T`` as an int32 matmul
             - ``"float-exact"``: the same sums in float32 (or float64) where they are exact: BLAS
             - ``"int-gemv"``: one row: exact float32 reductions per unit, added in int32
-            - ``"jax-dot"``: lax.dot_general on int8 operands into int32 (int8 tensor cores)
+            - ``"jax-dot"``: ``lax.dot_general`` on int8 operands into int32 (int8 tensor cores)
 
     Returns:
         ``(..., out)`` array of dtype ``result_type(x.dtype, w.dtype)`` (the

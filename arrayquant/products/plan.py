@@ -183,12 +183,12 @@ _ENTRIES = (
     # ------------------------------------------------------------ weight-only
     Formulation(
         "dequantize", WEIGHT_ONLY_KIND, _WO + "dequantized_product",
-        "generic: x @ dequantize(w).T",
+        "generic: ``x @ dequantize(w).T``",
         applies=_always, refusal=lambda m, wp, xp: "", auto=_always,
     ),
     Formulation(
         "epilogue", WEIGHT_ONLY_KIND, _WO + "epilogue_product",
-        "(x @ codes.T) * s - rowsum(x) * (s z); scale constant along in",
+        "``(x @ codes.T) * s - rowsum(x) * (s z)``; scale constant along in",
         applies=lambda m, wp, xp: wp.bk == wp.k,
         refusal=lambda m, wp, xp: (
             f"formulation='epilogue' needs a weight whose scale is constant along the in axis "
@@ -231,7 +231,7 @@ _ENTRIES = (
     # ------------------------------------------------------------ integer
     Formulation(
         "int32", INTEGER_KIND, _INT + "int32_accumulate",
-        "generic: (qx - zx) @ (qw - zw).T as an int32 matmul",
+        "generic: ``(qx - zx) @ (qw - zw).T`` as an int32 matmul",
         applies=_always, refusal=lambda m, wp, xp: "", auto=_always,
     ),
     Formulation(
@@ -254,7 +254,7 @@ _ENTRIES = (
     ),
     Formulation(
         "jax-dot", INTEGER_KIND, "arrayquant.products.jax_dot:int_accumulate",
-        "lax.dot_general on int8 operands into int32 (int8 tensor cores)",
+        "``lax.dot_general`` on int8 operands into int32 (int8 tensor cores)",
         applies=lambda m, wp, xp: is_jax(xp),
         refusal=lambda m, wp, xp: (
             f"formulation='jax-dot' needs JAX arrays; got arrays of {xp.__name__}: use "
