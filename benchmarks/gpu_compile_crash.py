@@ -35,11 +35,11 @@ import arrayquant as aq
 import arrayquant.products.jax_dot as J
 wname, dt, qt, sym, kw, act, form = eval(sys.argv[1])
 if form == "jax-dot+barrier":
-    orig = J._int8_dot
+    orig = J.int8_dot
     def _barrier_dot(a, b, dims):
         a, b = lax.optimization_barrier((a, b))
         return orig(a, b, dims)
-    J._int8_dot = _barrier_dot
+    J.int8_dot = _barrier_dot
     form = "jax-dot"
 rng = np.random.default_rng(5)
 w = aq.quantize(jnp.asarray(rng.standard_normal((5, 16)), dt), qt, sym, **kw)

@@ -7,7 +7,7 @@ case, under ``jax.jit`` on the default device:
 
 1. the XLA primitive alone: ``lax.dot_general`` of int8 operands with
    ``preferred_element_type=int32``, for contraction lengths 1 to 40 and a few
-   longer ones, and the same through ``_int8_dot`` (zero-padded to a multiple
+   longer ones, and the same through ``int8_dot`` (zero-padded to a multiple
    of 4, the workaround for XLA:GPU's wrong sums; see docs/inference.md);
 2. every integer formulation that applies on JAX (``int32``, ``jax-dot``, and
    ``int-gemv`` for one row) on the failing case, then on ``--cases`` cases drawn
@@ -27,7 +27,6 @@ mismatch of arrayquant's own products was seen.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import os
 import re
@@ -38,8 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import arrayquant as aq  # noqa: E402
-
-M = importlib.import_module("arrayquant.products")
+from arrayquant.products import activations, integer, plan  # noqa: E402
 
 WEIGHTS = ["int8", "uint8", "int4", "uint4", "int2", "uint2"]
 ACTS = [("int8", True), ("int8", False), ("uint8", False), ("int4", True), ("int2", False)]
@@ -75,15 +73,15 @@ def _dump(dump_dir, name, fn, *args):
 
 def check_primitive(jax, jnp, lax, dump_dir) -> tuple[int, int]:
     """lax.dot_general(int8, int8) -> int32 against int64, short contractions: alone
-    (XLA's own result) and through arrayquant's ``_int8_dot``, which pads the
+    (XLA's own result) and through arrayquant's ``int8_dot``, which pads the
     contraction to a multiple of 4. Returns (raw mismatches, padded mismatches)."""
-    from arrayquant.products.jax_dot import _int8_dot
+    from arrayquant.products.jax_dot import int8_dot
 
     raw = padded = 0
     rng = np.random.default_rng(1)
     dims = (((1,), (1,)), ((), ()))
     dot = jax.jit(lambda a, b: lax.dot_general(a, b, dims, preferred_element_type=jnp.int32))
-    ours = jax.jit(lambda a, b: _int8_dot(a, b, dims))
+    ours = jax.jit(lambda a, b: int8_dot(a, b, dims))
     ks = list(range(1, 18)) + [33, 63, 65]
     for k, m, n in itertools.product(ks, [1, 3, 64], [1, 8]):
         a = rng.integers(-128, 128, (m, k)).astype(np.int8)
@@ -137,13 +135,13 @@ def check_formulations(jax, jnp, dump_dir, count: int) -> tuple[int, int]:
         qw_np = _weight(rng, n, k, qtype, sym, gran, kn)
         x = (rng.standard_normal((m, k)) * 3 + 1).astype(np.float32)
         qx_np = aq.quantize_activations(x, act, act_sym)
-        wp = M._weight_plan(qw_np, kn)
+        wp = plan.weight_plan(qw_np, kn)
         forms = ["int32", "jax-dot"] + (["int-gemv"] if m == 1 else [])
         qw = jax.tree_util.tree_map(jnp.asarray, qw_np)
         qx = jax.tree_util.tree_map(jnp.asarray, qx_np)
         ref = _reference(qx_np, qw_np, kn)
-        fn = jax.jit(lambda qx, qw, forms=forms, wp=wp, k=k: [M._integer_accumulate(
-            M._act_rows(qx, k, xp), qw, wp, xp, f)[0] for f in forms])
+        fn = jax.jit(lambda qx, qw, forms=forms, wp=wp, k=k: [integer.integer_accumulate(
+            activations.act_rows(qx, k, xp), qw, wp, xp, f)[0] for f in forms])
         for form, got in zip(forms, fn(qx, qw)):
             got = np.asarray(got)
             total += 1
@@ -171,7 +169,7 @@ def main(argv=None) -> int:
     print(f"# jax {jax.__version__}, device: {jax.devices()[0]} ({jax.devices()[0].platform})")
     raw, padded = check_primitive(jax, jnp, lax, args.dump)
     print(f"# int8 dot_general alone: {raw} mismatching shapes; padded to a multiple of 4 "
-          f"(arrayquant's _int8_dot): {padded}")
+          f"(arrayquant's int8_dot): {padded}")
     bad, total = check_formulations(jax, jnp, args.dump, args.cases)
     print(f"# integer formulations: {bad} of {total} programs mismatch")
     return 1 if padded or bad else 0

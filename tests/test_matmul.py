@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import subprocess
 import sys
 
@@ -13,12 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import arrayquant as aq
-
-M = importlib.import_module("arrayquant.products")
+from arrayquant.products import activations, integer, plan
+from arrayquant.products.arrays import weight_scales
 
 QTYPES = ["int8", "uint8", "int4", "uint4", "int2", "uint2"]
-WEIGHT_ONLY = ["dequantize", "epilogue", "grouped", "fields", "slabs", "gemv"]
-INTEGER = ["int32", "float-exact", "int-gemv", "jax-dot"]
+# Every formulation name, from the one table (arrayquant/products/plan.py).
+WEIGHT_ONLY = list(plan.WEIGHT_ONLY)
+INTEGER = list(plan.INTEGER)
 EPS32 = 2.0**-23
 
 
@@ -97,29 +97,12 @@ def _int64_acc(qx_np, qa_np, kn):
 
 
 def _applies(formulation, backend, m, qa, kn, act):
-    """Whether ``formulation`` applies to this case (else it must raise ValueError)."""
-    wp = M._weight_plan(qa, kn)
-    if formulation in INTEGER:
-        if not act:
-            return False
-        if formulation == "jax-dot":
-            return backend.is_jax
-        if formulation == "float-exact":
-            return not backend.is_jax
-        return formulation == "int32" or m == 1
-    if act:
+    """Whether ``formulation`` applies to this case (else it must raise ValueError), as
+    the formulation table says."""
+    f = plan.TABLE[formulation]
+    if act != (f.kind == plan.INTEGER_KIND):
         return False
-    if formulation == "epilogue":
-        return wp.bk == wp.k
-    if formulation == "grouped":
-        return wp.bk != wp.k
-    if formulation == "fields":
-        return M._fields_fit(wp)
-    if formulation == "slabs":
-        return not wp.packed_n
-    if formulation == "gemv":
-        return m == 1
-    return True
+    return f.applies(m, plan.weight_plan(qa, kn), backend.xp)
 
 
 def _skip_eager_jax(backend):
@@ -229,13 +212,14 @@ def test_integer_accumulation_is_exact_and_rescaled(backend, call, case):
     x64 = rng.standard_normal((m, k)) * 3 + 1
     x = backend.asarray(x64, "float32")
     xp = backend.xp
-    wp = M._weight_plan(qa, kn)
+    wp = plan.weight_plan(qa, kn)
     forms = [f for f in INTEGER if _applies(f, backend, m, qa, kn, True)]
     fn = aq.matmul if kn else aq.linear
 
     def run(x, qa):  # everything in one function: one compilation under jit
         qx = aq.quantize_activations(x, act, act_sym)
-        accs = [M._integer_accumulate(M._act_rows(qx, k, xp), qa, wp, xp, f)[0] for f in forms]
+        act_rows = activations.act_rows(qx, k, xp)
+        accs = [integer.integer_accumulate(act_rows, qa, wp, xp, f)[0] for f in forms]
         y = fn(x, qa, act_dtype=act, act_symmetric=act_sym)
         return qx, accs, y, fn(qx, qa)
 
@@ -320,6 +304,71 @@ def test_every_formulation_equals_generic(backend, call, case):
                 _assert_close_to(y, generic.astype(np.float64), x32, qa_np, kn)
 
 
+# Cases where each table entry both applies and does not: (out, in) per channel int8,
+# uint4 in groups of 6 (whole bytes), int4 in groups of 5 (not), (in, out) packed along out.
+TABLE_CASES = [FAST_CASES[i] for i in (0, 3, 4, 6)]
+
+
+@pytest.mark.parametrize("name", list(plan.TABLE))
+def test_table_predicate_agrees_with_the_function(backend, call, name):
+    """For every entry of the formulation table: where its predicate says it does not
+    apply, forcing it raises the table's error; where it does, its function computes the
+    product: weight-only equal to ``dequantize`` up to float32 rounding, integer sums
+    equal to the ``int32`` ones and to an int64 reference exactly."""
+    _skip_eager_jax(backend)
+    f = plan.TABLE[name]
+    is_int = f.kind == plan.INTEGER_KIND
+    xp = backend.xp
+    for case in TABLE_CASES:
+        m, k, n, qtype, sym, gran, g, kn = case
+        rng = np.random.default_rng(k * n + m)
+        qa = _weight(backend, rng, n, k, qtype, sym, gran, g, kn)
+        x64 = rng.standard_normal((m, k)) + 0.3
+        x = backend.asarray(x64, "float32")
+        fn = aq.matmul if kn else aq.linear
+        kw = {"act_dtype": "int8", "act_symmetric": False} if is_int else {}
+        wp = plan.weight_plan(qa, kn)
+        if not f.applies(m, wp, xp):
+            with pytest.raises(ValueError) as err:
+                fn(x, qa, formulation=name, **kw)
+            assert str(err.value) == f.refusal(m, wp, xp), case
+            continue
+
+        def run(x, qa, wp=wp, fn=fn, kw=kw, m=m, k=k):
+            if is_int:
+                act = activations.act_rows(aq.quantize_activations(x, "int8", False), k, xp)
+                _, zw = weight_scales(qa, wp, xp)
+                return (f.function(act, qa, wp, zw, xp),
+                        integer.integer_accumulate(act, qa, wp, xp, "int32")[0],
+                        fn(x, qa, formulation=name, **kw), fn(x, qa, formulation="int32", **kw))
+            x2 = xp.reshape(x, (m, k))
+            return (f.function(x2, qa, wp, xp.float32, xp), fn(x, qa, formulation=name),
+                    fn(x, qa, formulation="dequantize"))
+
+        out = [backend.to_numpy(a) for a in call(run)(x, qa)]
+        qa_np = _np_qarray(qa, backend)
+        if is_int:
+            direct, generic_acc, y, generic = out
+            assert direct.dtype == np.int32, case
+            np.testing.assert_array_equal(direct, generic_acc, err_msg=str(case))
+            qx_np = aq.quantize_activations(x64.astype(np.float32), "int8", False)
+            np.testing.assert_array_equal(direct, _int64_acc(qx_np, qa_np, kn), err_msg=str(case))
+            np.testing.assert_allclose(y, generic, rtol=1e-6, atol=1e-6 * np.abs(generic).max())
+        else:
+            x32 = x64.astype(np.float32).astype(np.float64)
+            for y in out[:2]:
+                assert y.shape == (m, n), case
+                _assert_close_to(y, out[2].astype(np.float64), x32, qa_np, kn)
+
+
+def test_docstring_lists_the_table():
+    """``linear``'s docstring lists every formulation of the table with its summary."""
+    for name, f in plan.TABLE.items():
+        assert f'``"{name}"``: {f.summary}' in aq.linear.__doc__, name
+    assert plan.FORMULATIONS == ("auto", *plan.TABLE)
+    assert aq.products.FORMULATIONS == plan.FORMULATIONS
+
+
 def test_large_gemv_paths_match_generic():
     """Shapes with several slabs and chunks: slabs, gemv, int-gemv, float-exact (float64)."""
     rng = np.random.default_rng(3)
@@ -333,11 +382,11 @@ def test_large_gemv_paths_match_generic():
             np.testing.assert_allclose(aq.linear(x, qa, formulation=f), generic, rtol=2e-4,
                                        atol=2e-4 * np.abs(generic).max())
         exact = aq.linear(x, qa, act_dtype="int8", formulation="int32")
-        act = M._act_rows(aq.quantize_activations(x), k, np)
-        wp = M._weight_plan(qa, False)
-        acc = M._integer_accumulate(act, qa, wp, np, "int32")[0]
+        act = activations.act_rows(aq.quantize_activations(x), k, np)
+        wp = plan.weight_plan(qa, False)
+        acc = integer.integer_accumulate(act, qa, wp, np, "int32")[0]
         for f in ("float-exact", "int-gemv"):
-            np.testing.assert_array_equal(M._integer_accumulate(act, qa, wp, np, f)[0], acc)
+            np.testing.assert_array_equal(integer.integer_accumulate(act, qa, wp, np, f)[0], acc)
             # Same sums, same epilogue; the sum over groups may add in another order.
             np.testing.assert_allclose(aq.linear(x, qa, act_dtype="int8", formulation=f),
                                        exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
@@ -372,8 +421,8 @@ def test_overflow_boundary_is_static_and_exact(backend, call):
     for formulation in INTEGER:
         if not _applies(formulation, backend, 1, w, False, True):
             continue
-        acc, _ = M._integer_accumulate(M._act_rows(qx, limit, xp), w, M._weight_plan(w, False),
-                                       xp, formulation)
+        acc, _ = integer.integer_accumulate(activations.act_rows(qx, limit, xp), w,
+                                            plan.weight_plan(w, False), xp, formulation)
         assert int(backend.to_numpy(acc)[0, 0, 0]) == limit * 127 * 127 == 2147479576
     # Groups along in reset the bound: each group's sum is checked on its own.
     w = aq.quantize(backend.asarray(ones, "float32"), "int8", True, group_size=1024)

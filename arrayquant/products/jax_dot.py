@@ -1,4 +1,4 @@
-"""JAX-only fast formulation of :mod:`arrayquant.products` (``formulation="jax-dot"``).
+"""JAX-only paths of :mod:`arrayquant.products`: ``jax-dot`` and the one-row loops.
 
 Imported lazily, only when the arrays are JAX arrays: ``import arrayquant``
 never imports JAX.
@@ -20,8 +20,9 @@ import numpy as np
 from jax import lax
 
 from arrayquant.packing import bit_fields
+from arrayquant.products.plan import fields_fit
 
-__all__ = ["gemv", "int_accumulate", "int_gemv", "loops_pay_off"]
+__all__ = ["gemv", "int8_dot", "int_accumulate", "int_gemv", "loops_pay_off"]
 
 
 def loops_pay_off() -> bool:
@@ -70,9 +71,7 @@ def _pad_cols(a, length: int):
 
 def _weight_operands(w, wp):
     """(per, [(n, L_r) int8 fields]) with field r holding codes r, r + per, ... along k."""
-    from arrayquant.products import _fields_fit
-
-    if wp.packed_k and _fields_fit(wp):
+    if wp.packed_k and fields_fit(wp):
         per = wp.per_byte
         fields = _signed_fields(w.data, wp.qt.bits, wp.qt.signed)
         fields = [f.T if wp.kn else f for f in fields]
@@ -93,7 +92,7 @@ def _weight_operands(w, wp):
 _INT8_DOT_K_MULTIPLE = 4
 
 
-def _int8_dot(a, b, dims):
+def int8_dot(a, b, dims):
     """``lax.dot_general`` of int8 operands into int32, contraction axis (the last of
     both) zero-padded to a multiple of :data:`_INT8_DOT_K_MULTIPLE`, operands behind
     an optimization barrier (see the comment above)."""
@@ -105,8 +104,9 @@ def _int8_dot(a, b, dims):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
 
 
-def int_accumulate(act, w, wp, zw):
-    """``sum_k (qx - zx)(qw - zw)`` per weight group, shape (G, m, n), int32."""
+def int_accumulate(act, w, wp, zw, xp=None):
+    """``sum_k (qx - zx)(qw - zw)`` per weight group, shape (G, m, n), int32 (``xp``, the
+    namespace every integer formulation takes, is ``jax.numpy`` here)."""
     cx = _signed_codes(act.codes, act.qt)
     zx = _signed_zero(act.zero_point, act.qt)  # (m, 1)
     zw = _signed_zero(zw, wp.qt)  # (n or 1, G)
@@ -117,13 +117,13 @@ def int_accumulate(act, w, wp, zw):
     for r, wr in enumerate(fields):
         xr = cx[:, r::per] if per > 1 else cx
         if groups == 1:
-            a = _int8_dot(xr, wr, (((1,), (1,)), ((), ())))[None]
+            a = int8_dot(xr, wr, (((1,), (1,)), ((), ())))[None]
             xv, wv = xr[:, None, :], wr[:, None, :]
         else:
             gr = g // per
             xv = _pad_cols(xr, groups * gr).reshape(m, groups, gr)
             wv = _pad_cols(wr, groups * gr).reshape(n, groups, gr)
-            a = _int8_dot(xv, wv, (((2,), (2,)), ((1,), (1,))))
+            a = int8_dot(xv, wv, (((2,), (2,)), ((1,), (1,))))
         acc = a if acc is None else acc + a
         if zw is not None:
             t = jnp.sum(xv, axis=2, dtype=jnp.int32)  # (m, G)
@@ -148,9 +148,7 @@ def int_accumulate(act, w, wp, zw):
 def _row_operands(w, wp):
     """(data (n, L) in the (n, k) layout, per): packed bytes, split into bit fields inside
     the loop (whole-byte groups), else one code per column."""
-    from arrayquant.products import _fields_fit
-
-    if wp.packed_k and _fields_fit(wp):
+    if wp.packed_k and fields_fit(wp):
         data, per = w.data, wp.per_byte
     else:
         data, per = (w.codes if w.packed_axis is not None else w.data), 1
