@@ -893,3 +893,35 @@ def test_an_npz_with_a_member_twice_is_refused(tmp_path):
                 np.lib.format.write_array(fh, np.full(2, value))
     with pytest.raises(CheckpointError, match="holds 'w.npy' twice"):
         aq.checkpoint_info(src)
+
+
+def test_stacked_qarrays_round_trip_and_hostile_batch_shapes(tmp_path):
+    """Stacked QArrays (leading batch axes) save with a 'batch_shape' field, written only
+    for them; load, checkpoint_info and inspect see the whole stack."""
+    rng = np.random.default_rng(7)
+    ws = rng.standard_normal((2, 3, 6, 33)).astype(np.float32)
+    tree = {"layers": aq.quantize(ws, "uint4", group_size=16, batch_axes=2),
+            "sym": aq.quantize(ws[0], "int2", True, axis=0, batch_axes=1),
+            "one": aq.quantize(ws[0, 0], "int8")}
+    p = tmp_path / "s.safetensors"
+    aq.save(p, tree)
+    back = aq.load(p)
+    assert_tree_equal(back, tree)
+    assert back["layers"].batch_shape == (2, 3) and back["sym"].batch_shape == (3,)
+    info = {leaf.path: leaf for leaf in aq.checkpoint_info(p).leaves}
+    assert info["layers"].batch_shape == (2, 3) and info["one"].batch_shape == ()
+    assert info["layers"].float_nbytes == ws.nbytes
+    doc = json.loads(_read_raw(p)[0]["__metadata__"]["arrayquant"])
+    assert "batch_shape" not in _leaf(doc, "one")  # unstacked entries are unchanged
+    for value, match in (([], "must be a non-empty list"), ([3], "has shape"),
+                         ([2, 0], "must be a non-empty list"), ("2", "batch_shape")):
+        q = tmp_path / f"bad{len(str(value))}.safetensors"
+        q.write_bytes(p.read_bytes())
+        _edit(q, edit_doc=lambda d, v=value: _leaf(d, "layers").__setitem__("batch_shape", v))
+        with pytest.raises(CheckpointError, match=match):
+            aq.load(q)
+    q = tmp_path / "nobatch.safetensors"
+    q.write_bytes(p.read_bytes())
+    _edit(q, edit_doc=lambda d: _leaf(d, "sym").pop("batch_shape"))
+    with pytest.raises(CheckpointError, match="has shape"):
+        aq.load(q)

@@ -91,6 +91,8 @@ def test_stacked_errors(backend):
     qs = aq.quantize(ws, "int8", batch_axes=1)
     with pytest.raises(TypeError, match="items of a stacked QArray"):
         qs[0, 0]
+    with pytest.raises(ValueError, match=r"w is a stacked QArray \(batch_shape \(3,\)"):
+        aq.linear(w0[:2, ...], qs)
     with pytest.raises(ValueError, match="scale has shape"):
         aq.QArray(qs.data, qs.scale[:2, ...], qs.zero_point, "int8", qs.shape, "float32",
                   qs.block_shape)

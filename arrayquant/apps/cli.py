@@ -187,7 +187,8 @@ def _cmd_inspect(args) -> int:
                 f"{leaf.qtype} {leaf.granularity} {'sym' if leaf.symmetric else 'asym'}"
                 + (f" packed(axis={leaf.packed_axis})" if leaf.packed_axis is not None else "")
             )
-            body.append((leaf.path, "x".join(map(str, leaf.shape)) or "()", leaf.dtype, stored,
+            body.append((leaf.path, "x".join(map(str, leaf.batch_shape + leaf.shape)) or "()",
+                         leaf.dtype, stored,
                          format_bytes(leaf.nbytes)))
         print()
         print("\n".join(align_columns([head, *body], right=(4,))))

@@ -198,7 +198,7 @@ def _load_array(file, name: str, a: np.ndarray) -> np.ndarray:
 
 def _load_qarray(file, leaf: LeafInfo, data, scale, zp=None) -> QArray:
     problem = qarray_problem(leaf.qtype, leaf.dtype, leaf.shape, leaf.packed_axis, data,
-                              scale, zp)
+                              scale, zp, len(leaf.batch_shape))
     if problem:
         fail(file, f"leaf {leaf.path!r}: {problem}")
     try:

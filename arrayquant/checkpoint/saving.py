@@ -210,7 +210,7 @@ def save(path, tree) -> None:
         if isinstance(leaf, QArray):
             parts = [None if n is None else tensors[n] for n in names.values()]
             problem = qarray_problem(leaf.qtype, leaf.dtype, leaf.shape, leaf.packed_axis,
-                                     *parts)
+                                     *parts, len(leaf.batch_shape))
             if problem:
                 raise ValueError(f"cannot save {p!r}: {problem}; load() would reject it")
     # Widest items first keeps every tensor aligned to its item size in the file.

@@ -49,6 +49,8 @@ _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 _ARRAY_KEYS = ("path", "kind", "tensor")
 _QARRAY_KEYS = ("path", "kind", "qtype", "dtype", "shape", "block_shape", "packed_axis",
                 *_ROLES)
+# Written only for a stacked QArray (leading batch axes), so other files are unchanged.
+_BATCH_KEY = "batch_shape"
 NODE_KEYS = {"leaf": ("type", "path"), "none": ("type",), "dict": ("type", "items"),
               "list": ("type", "items"), "tuple": ("type", "items")}
 
@@ -81,6 +83,7 @@ def leaf_entry(path: str, leaf) -> dict[str, Any]:
             "path": path, "kind": "qarray", "qtype": leaf.qtype, "dtype": leaf.dtype,
             "shape": list(leaf.shape), "block_shape": list(leaf.block_shape),
             "packed_axis": leaf.packed_axis, **tensor_names(path, leaf),
+            **({_BATCH_KEY: list(leaf.batch_shape)} if leaf.batch_shape else {}),
         }
     return {"path": path, "kind": "array", "tensor": path}
 
@@ -113,6 +116,7 @@ class LeafInfo:
     symmetric: bool | None = None
     tensors: tuple[str, ...] = ()
     nbytes: int = 0
+    batch_shape: tuple[int, ...] = ()  # leading axes of a stacked QArray
 
     @property
     def quantized(self) -> bool:
@@ -127,7 +131,7 @@ class LeafInfo:
     @property
     def float_nbytes(self) -> int:
         """Bytes of the leaf as a plain array of ``dtype`` (before quantization)."""
-        return math.prod(self.shape) * np_dtype(self.dtype).itemsize
+        return math.prod(self.batch_shape + self.shape) * np_dtype(self.dtype).itemsize
 
 
 def is_int(v) -> bool:
@@ -199,7 +203,10 @@ def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
     where = f"leaf {path!r}"
     kind = entry.get("kind")
     if kind in ("array", "qarray"):
-        expect_keys(file, where, entry, _ARRAY_KEYS if kind == "array" else _QARRAY_KEYS)
+        keys = _ARRAY_KEYS if kind == "array" else _QARRAY_KEYS
+        if kind == "qarray" and _BATCH_KEY in entry:
+            keys = (*keys, _BATCH_KEY)
+        expect_keys(file, where, entry, keys)
     if kind == "array":
         name = _str_field(file, where, entry, "tensor")
         if name != path:
@@ -223,6 +230,12 @@ def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
     for d, (b, n) in enumerate(zip(block, shape)):
         if not 1 <= b <= n:
             fail(file, f"{where}: block_shape[{d}] = {b} must be in [1, {n}]")
+    batch = ()
+    if _BATCH_KEY in entry:
+        batch = _shape_field(file, where, entry[_BATCH_KEY], _BATCH_KEY)
+        if not batch or math.prod(batch) == 0:
+            fail(file, f"{where}: field {_BATCH_KEY!r} must be a non-empty list of sizes >= 1 "
+                       f"(save writes it only for stacked QArrays), got {list(batch)}")
     packed_axis = entry.get("packed_axis")
     if packed_axis is not None:
         if qt.bits >= 8:
@@ -250,14 +263,14 @@ def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
         data_shape = tuple(packed_length(n, qt.bits) if d == packed_axis else n
                            for d, n in enumerate(shape))
         data_dtypes = ("uint8",)
-    _expect_tensor(file, where, tensors, names["data"], data_dtypes, data_shape)
-    scale_shape = Blocking(shape, block).scale_shape
+    _expect_tensor(file, where, tensors, names["data"], data_dtypes, batch + data_shape)
+    scale_shape = batch + Blocking(shape, block).scale_shape
     _expect_tensor(file, where, tensors, names["scale"], _FLOAT_NAMES, scale_shape)
     if names["zero_point"] is not None:
         _expect_tensor(file, where, tensors, names["zero_point"], (qt.storage,), scale_shape)
     used = tuple(n for n in names.values() if n is not None)
     return LeafInfo(path, shape, dtype, qtype, block, packed_axis, names["zero_point"] is None,
-                    used, sum(_tensor_nbytes(tensors, n) for n in used))
+                    used, sum(_tensor_nbytes(tensors, n) for n in used), batch)
 
 
 def expect_keys(file, where: str, obj: dict, keys: tuple[str, ...]) -> None:

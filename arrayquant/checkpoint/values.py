@@ -19,12 +19,14 @@ def _range_problem(what: str, values: np.ndarray, lo, hi, of: str) -> str | None
 
 
 def qarray_problem(qtype: str, dtype: str, shape, packed_axis, data: np.ndarray,
-                   scale: np.ndarray, zp: np.ndarray | None) -> str | None:
+                   scale: np.ndarray, zp: np.ndarray | None, nb: int = 0) -> str | None:
     """What makes these QArray values unsavable and unloadable, or None.
 
     Codes within the qtype's range (``[-qmax, qmax]`` when symmetric), zero bits
     after the last packed code, zero points within ``[qmin, qmax]``, and scales
     within :func:`scale_limits` (finite, normal, with a normal reciprocal).
+    ``shape`` and ``packed_axis`` are one item's; the arrays may have ``nb``
+    leading batch axes (a stacked QArray).
     """
     qt: QType = as_qtype(qtype)
     lo = max(qt.qmin, -qt.qmax) if zp is None else qt.qmin
@@ -32,11 +34,12 @@ def qarray_problem(qtype: str, dtype: str, shape, packed_axis, data: np.ndarray,
     if packed_axis is not None:
         n = shape[packed_axis]
         per = 8 // qt.bits
+        axis = nb + packed_axis
         if n % per:  # the unused high bits of each row's last byte must be zero
-            last = np.take(data, [data.shape[packed_axis] - 1], axis=packed_axis)
+            last = np.take(data, [data.shape[axis] - 1], axis=axis)
             if np.any(last >> ((n % per) * qt.bits)):
                 return "the padding bits after the last packed code are not zero"
-        codes = None if lo == qt.qmin else unpack(data, qt.bits, n, axis=packed_axis,
+        codes = None if lo == qt.qmin else unpack(data, qt.bits, n, axis=axis,
                                                   signed=qt.signed)
     s_lo, s_hi = scale_limits(scale.dtype, dtype)
     with np.errstate(invalid="ignore"):  # a damaged scale may be a signalling NaN

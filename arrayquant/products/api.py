@@ -38,6 +38,13 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
         *((w.data, w.scale, w.zero_point) if w_is_q else (w,)),
         bias,
     )
+    for name, q in (("x", x), ("w", w)):
+        if isinstance(q, QArray) and q.batch_shape:
+            raise ValueError(
+                f"{name} is a stacked QArray (batch_shape {q.batch_shape}, items of shape "
+                f"{q.shape}); a product takes one item: index it ({name}[i]) or run "
+                "jax.lax.scan over the stack"
+            )
     x_shape = tuple(x.shape)
     w_shape = tuple(w.shape)
     layout = "(in, out)" if kn else "(out, in)"

@@ -72,7 +72,7 @@ def _sqnr(x, qa: QArray) -> float:
     from arrayquant.packing import unpack
 
     if (not isinstance(x, np.ndarray) or not isinstance(qa.data, np.ndarray)
-            or x.ndim == 0 or qa.packed_axis == 0):
+            or x.ndim == 0 or qa.packed_axis == 0 or qa.batch_shape):
         from arrayquant.metrics import sqnr_db
 
         return float(sqnr_db(x, qa))
@@ -104,6 +104,7 @@ def _sqnr(x, qa: QArray) -> float:
 def leaf_report(path: str, original, new) -> LeafReport:
     shape = tuple(int(n) for n in original.shape)
     if isinstance(original, QArray):  # already quantized before: nothing to compare with
+        shape = original.batch_shape + shape
         return LeafReport(path, shape, original.dtype, original.qtype, original.granularity,
                           original.symmetric, original.nbytes,
                           new.nbytes if isinstance(new, QArray) else storage_nbytes(new), None)
