@@ -38,6 +38,7 @@ from arrayquant.packing import (
 from arrayquant.products import int32_safe_in_features, linear, matmul, quantize_activations
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QType, as_qtype
+from arrayquant.sharding import sharding_like
 from arrayquant.trees import (
     LeafReport,
     Rule,
@@ -98,6 +99,7 @@ __all__ = [
     "quantize_with",
     "save",
     "scale_limits",
+    "sharding_like",
     "sqnr_db",
     "to_high_nibble_first",
     "to_hqq",

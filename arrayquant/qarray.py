@@ -53,6 +53,38 @@ def _check_array(a, field: str, shape: tuple[int, ...], dtypes: tuple[str, ...],
         )
 
 
+def _local_static(static: tuple, data, scale) -> tuple:
+    """``static`` for arrays that hold a shard of the QArray it describes.
+
+    Inside ``jax.shard_map`` JAX rebuilds a QArray from the local pieces of its
+    arrays with the global metadata. Where the arrays do not fit that metadata,
+    the item shape is read from them (along the packed axis: whole bytes, 8 //
+    bits codes each, unless the axis is not split) and an axis whose scale has
+    one entry gets one block spanning its local length; other block sizes stay.
+    Anything that still does not fit (or is not an array) keeps ``static``.
+    """
+    qtype, shape, dtype, block, packed = static
+    dshape, sshape = getattr(data, "shape", None), getattr(scale, "shape", None)
+    if not isinstance(dshape, tuple) or not isinstance(sshape, tuple):
+        return static
+    nb = len(dshape) - len(shape)
+    if nb < 0 or len(sshape) != len(dshape):
+        return static
+    bits = as_qtype(qtype).bits
+    item, scale_item = dshape[nb:], sshape[nb:]
+    stored = tuple(packed_length(n, bits) if d == packed else n for d, n in enumerate(shape))
+    if item == stored:
+        return static
+    new_shape = tuple(
+        (n if m == packed_length(n, bits) else m * (8 // bits)) if d == packed else m
+        for d, (n, m) in enumerate(zip(shape, item)))
+    new_block = tuple(m if e == 1 else b for m, e, b in zip(new_shape, scale_item, block))
+    if (min(new_shape, default=1) < 1 or not all(b <= m for b, m in zip(new_block, new_shape))
+            or Blocking(new_shape, new_block).scale_shape != scale_item):
+        return static
+    return (qtype, new_shape, dtype, new_block, packed)
+
+
 @dataclass(frozen=True, eq=False)
 class QArray:
     """A quantized array: ``x ~= scale * (codes - zero_point)``.
@@ -196,6 +228,7 @@ class QArray:
                     "isinstance(a, aq.QArray)) with f returning QArrays unchanged, or "
                     "aq.cast_floats(tree, dtype)"
                 )
+        static = _local_static(static, children[0], children[1])
         qa = object.__new__(cls)
         for name, value in zip(("data", "scale", "zero_point", *cls._static_names),
                                (*children, *static)):

@@ -77,10 +77,8 @@ _SHARDED = textwrap.dedent("""
             ("W4A8 g128", dict(dtype="int4", symmetric=True, group_size=128), "int8"),
         ]:
             qa = aq.quantize(w, **kw)
-            spec = P(None, "x") if qa.scale.shape[1] > 1 else P()
-            parts = (put(jnp.asarray(qa.data), P(None, "x")), put(jnp.asarray(qa.scale), spec),
-                     None if qa.zero_point is None else put(jnp.asarray(qa.zero_point), spec))
-            qs = aq.QArray._from_parts(qa._static(), parts)
+            # The weight's placement, carried over to codes and scales by sharding_like.
+            qs = jax.device_put(qa, aq.sharding_like(qa, NamedSharding(mesh, P(None, "x"))))
             out[f"{tokens} {name}"] = count(
                 lambda x, q, act=act: aq.linear(x, q, act_dtype=act), x, qs)
     print(json.dumps(out))

@@ -238,7 +238,7 @@ def _fill(like, leaves: dict[str, Any], file):
     return out
 
 
-def load(path, *, like=None, verify: bool = True):
+def load(path, *, like=None, verify: bool = True, shardings=None):
     """Read a checkpoint written by :func:`save` (or any plain safetensors file).
 
     Returns the saved tree with NumPy arrays and :class:`QArray` s of NumPy arrays
@@ -261,6 +261,13 @@ def load(path, *, like=None, verify: bool = True):
     digest. Hashing costs about 0.7 s per GB on one core (``docs/benchmarks.md``);
     ``verify=False`` skips only that. Version-1 files have no digests: a damaged
     byte in their tensor data loads as a changed value.
+
+    With ``shardings`` (JAX), leaves are placed on devices as they are loaded:
+    a dict ``{path: sharding}`` or a function ``(path, leaf) -> sharding or
+    None``; leaves without one stay NumPy arrays. A QArray leaf takes the
+    sharding of its float array (``NamedSharding(mesh, PartitionSpec(...))``),
+    converted by :func:`arrayquant.sharding_like`, or a QArray-shaped tree of
+    shardings. A stacked QArray's spec covers its batch axes too.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: ``path`` is missing,
@@ -285,6 +292,32 @@ def load(path, *, like=None, verify: bool = True):
         parts = [raw[n] for n in leaf.tensors]
         out[leaf.path] = (_load_qarray(file, leaf, *parts) if leaf.quantized
                           else _load_array(file, leaf.tensors[0], *parts))
+    if shardings is not None:
+        out = _place(out, shardings, file)
     if like is not None:
         return _fill(like, out, file)
     return out if skeleton is None else _build(skeleton, out)
+
+
+def _place(out: dict[str, Any], shardings, file) -> dict[str, Any]:
+    """``out`` with each leaf that ``shardings`` names put on its devices."""
+    if isinstance(shardings, dict):
+        unknown = sorted(set(shardings) - set(out))
+        if unknown:
+            fail(file, f"shardings name paths that the checkpoint does not hold: "
+                       f"{', '.join(map(repr, unknown[:5]))}; its paths are "
+                       f"{', '.join(map(repr, list(out)[:5]))}{' ...' if len(out) > 5 else ''}")
+    elif not callable(shardings):
+        raise TypeError(f"shardings must be a dict {{path: sharding}} or a function "
+                        f"(path, leaf) -> sharding, got {type(shardings).__name__}")
+    import jax
+
+    from arrayquant.sharding import sharding_like
+
+    placed = {}
+    for path, leaf in out.items():
+        s = shardings.get(path) if isinstance(shardings, dict) else shardings(path, leaf)
+        if s is not None and isinstance(leaf, QArray) and not isinstance(s, QArray):
+            s = sharding_like(leaf, s)
+        placed[path] = leaf if s is None else jax.device_put(leaf, s)
+    return placed
