@@ -61,7 +61,8 @@ aq.save(path, tree)
 loaded = aq.load(path, shardings={"w": NamedSharding(mesh, P(None, "x")),
                                   "b": NamedSharding(mesh, P("x"))})
 out["load"] = {
-    "w_data": list(loaded["w"].data.sharding.spec), "w_scale": list(loaded["w"].scale.sharding.spec),
+    "w_data": list(loaded["w"].data.sharding.spec),
+    "w_scale": list(loaded["w"].scale.sharding.spec),
     "b": list(loaded["b"].sharding.spec), "n_is_numpy": isinstance(loaded["n"].data, np.ndarray),
     "w_equal": bool(np.array_equal(np.asarray(aq.dequantize(loaded["w"])),
                                    aq.dequantize(tree["w"]))),
