@@ -2,7 +2,7 @@
 
 Cases (4096 x 4096 float32):
 - per-channel int8, symmetric (one scale per row);
-- group-128 int4, asymmetric (packed two codes per byte).
+- group-128 int4 and uint4, asymmetric (packed two codes per byte).
 
 NumPy: ``aq.quantize`` against a straightforward NumPy implementation of the
 same result (codes, packed for int4, plus scales and zero points) and against
@@ -32,14 +32,15 @@ def naive_numpy(x, case):
     if case == "int8-per-channel-sym":
         s = np.abs(x).max(axis=1, keepdims=True) / 127
         return np.clip(np.round(x / s), -127, 127).astype(np.int8), s
+    lo, hi, dt = (0, 15, np.uint8) if case.startswith("uint4") else (-8, 7, np.int8)
     v = x.reshape(N, N // 128, 128)
     rmin = np.minimum(v.min(axis=-1, keepdims=True), 0)
     rmax = np.maximum(v.max(axis=-1, keepdims=True), 0)
     s = (rmax - rmin) / 15
-    z = np.clip(np.round(-8 - rmin / s), -8, 7)
-    q = np.clip(np.round(v / s) + z, -8, 7).astype(np.int8).reshape(N, N)
+    z = np.clip(np.round(lo - rmin / s), lo, hi)
+    q = np.clip(np.round(v / s) + z, lo, hi).astype(dt).reshape(N, N)
     packed = ((q[:, 0::2] & 15) | (q[:, 1::2] << 4)).astype(np.uint8)
-    return packed, s, z.astype(np.int8)
+    return packed, s, z.astype(dt)
 
 
 def handwritten_jax(case):
@@ -54,15 +55,17 @@ def handwritten_jax(case):
 
     else:
 
+        lo, hi, dt = (0, 15, jnp.uint8) if case.startswith("uint4") else (-8, 7, jnp.int8)
+
         def f(x):
             v = x.reshape(N, N // 128, 128)
             rmin = jnp.minimum(v.min(axis=-1, keepdims=True), 0)
             rmax = jnp.maximum(v.max(axis=-1, keepdims=True), 0)
             s = (rmax - rmin) * (1 / 15)
-            z = jnp.clip(jnp.round(-8 - rmin / s), -8, 7)
-            q = jnp.clip(jnp.round(v * (1 / s)) + z, -8, 7).astype(jnp.int8).reshape(N, N)
+            z = jnp.clip(jnp.round(lo - rmin / s), lo, hi)
+            q = jnp.clip(jnp.round(v * (1 / s)) + z, lo, hi).astype(dt).reshape(N, N)
             packed = ((q[:, 0::2] & 15) | (q[:, 1::2] << 4)).astype(jnp.uint8)
-            return packed, s, z.astype(jnp.int8)
+            return packed, s, z.astype(dt)
 
     return jax.jit(f)
 
@@ -70,6 +73,7 @@ def handwritten_jax(case):
 CASES = {
     "int8-per-channel-sym": {"dtype": "int8", "symmetric": True, "axis": 0},
     "int4-group128-asym": {"dtype": "int4", "group_size": 128},
+    "uint4-group128-asym": {"dtype": "uint4", "group_size": 128},
 }
 
 
