@@ -67,7 +67,9 @@ def divide(a, b):
     r = jnp.where(small, ma << 1, ma)  # r < 2 * mb < 2**25
     exp = ea - eb + 127 - small.astype(_I)  # biased exponent of the result, before rounding
 
-    # Restoring long division: one quotient bit per step; r stays below 2 * mb.
+    # Restoring long division: one quotient bit per step; r stays below 2 * mb. Unrolled
+    # (a loop would cost a kernel launch per step on GPUs); see the end for how the chain
+    # is kept from being re-run for every element of a consumer.
     q = jnp.zeros_like(ma)
     for _ in range(_STEPS):
         ge = r >= mb
@@ -93,7 +95,12 @@ def divide(a, b):
     out = lax.bitcast_convert_type(sign | bits.astype(_U), jnp.float32)
 
     special = (ea == 255) | (eb == 0) | (eb == 255)
-    return jnp.where(special, a / b, out)
+    # Ending in a float division (by exactly 1.0 unless special: x / 1.0 == x in IEEE
+    # arithmetic, on every device) makes XLA treat the result as expensive, so it is
+    # computed once per block. Ending in integer operations, XLA:CPU fused the whole chain
+    # into consumers that broadcast it over each block (x * (1 / s)) and re-ran it for
+    # every element: jit(quantize) of 4096 x 4096 int4 g128 took 1.46 s instead of 62 ms.
+    return jnp.where(special, a, out) / jnp.where(special, b, jnp.ones_like(b))
 
 
 def reciprocal(b):
