@@ -53,6 +53,50 @@ def _check_array(a, field: str, shape: tuple[int, ...], dtypes: tuple[str, ...],
         )
 
 
+def check_integer_codes(qa: QArray, what: str = "QArray") -> None:
+    """TypeError unless ``qa``'s codes and zero points are integers (static: works under jit).
+
+    A dtype cast mapped over a whole tree (``jax.tree.map(lambda a:
+    a.astype(jnp.bfloat16), params)``) also reaches a QArray's codes; dequantizing
+    or multiplying with float codes would run silently on the wrong kind of
+    values, so every consumer calls this first.
+    """
+    for name in ("data", "zero_point"):
+        dt = getattr(getattr(qa, name), "dtype", None)
+        if dt is not None and dtype_name(dt) in _FLOATS:
+            raise TypeError(
+                f"{what} {name} has dtype {dtype_name(dt)} (qtype {qa.qtype}): a dtype cast "
+                "mapped over a tree reached the integer codes of a QArray. Cast only the "
+                "float leaves: aq.cast_floats(tree, dtype), or jax.tree.map(f, tree, "
+                "is_leaf=lambda a: isinstance(a, aq.QArray)) with f returning QArrays "
+                "unchanged"
+            )
+
+
+def check_fits(qa: QArray) -> None:
+    """ValueError unless ``qa``'s arrays fit its metadata (static: works under jit).
+
+    They always do for QArrays that arrayquant builds. Inside ``jax.shard_map`` a
+    QArray holds one shard, and its metadata is rebuilt from the local arrays; that
+    fails where the shards do not hold whole blocks (``aq.sharding_like`` then
+    replicates the scales, which is fine under ``jit`` and ``device_put``).
+    """
+    qt = as_qtype(qa.qtype)
+    nb = len(qa.batch_shape)
+    data = tuple(packed_length(n, qt.bits) if d == qa.packed_axis else n
+                 for d, n in enumerate(qa.shape))
+    scale = Blocking(qa.shape, qa.block_shape).scale_shape
+    got_data, got_scale = tuple(qa.data.shape[nb:]), tuple(qa.scale.shape[nb:])
+    if got_data != data or got_scale != scale:
+        raise ValueError(
+            f"QArray arrays of shapes data {tuple(qa.data.shape)}, scale "
+            f"{tuple(qa.scale.shape)} do not fit its metadata (shape {qa.shape}, block_shape "
+            f"{qa.block_shape}: data {data}, scale {scale}). Inside shard_map each shard must "
+            "hold whole blocks along every split axis (whole bytes along a packed axis); "
+            "split such axes into pieces of whole groups, or use jit with device_put"
+        )
+
+
 def _local_static(static: tuple, data, scale) -> tuple:
     """``static`` for arrays that hold a shard of the QArray it describes.
 
@@ -214,20 +258,11 @@ class QArray:
     def _from_parts(cls, static, children) -> QArray:
         # JAX rebuilds QArrays from arbitrary leaves (tracers, None, object()
         # sentinels, ShapeDtypeStructs, arrays with a vmap batch axis, float0
-        # cotangents) and static metadata that was checked when the original was
-        # built: no checks here but one. Codes turned into floats are always a
-        # mistake (a dtype cast mapped over a whole tree), and products would run on
-        # them silently.
-        for name, child in zip(("data", "zero_point"), (children[0], children[2])):
-            dt = getattr(child, "dtype", None)
-            if dt is not None and dtype_name(dt) in _FLOATS:
-                raise TypeError(
-                    f"QArray {name} would become {dtype_name(dt)} (qtype {static[0]}): a dtype "
-                    "cast mapped over a tree also reached the integer codes of a QArray. "
-                    "Cast only the float leaves, e.g. jax.tree.map(f, tree, is_leaf=lambda a: "
-                    "isinstance(a, aq.QArray)) with f returning QArrays unchanged, or "
-                    "aq.cast_floats(tree, dtype)"
-                )
+        # cotangents, results of any function mapped over a tree) and static
+        # metadata that was checked when the original was built: no checks here.
+        # Codes that a mapped cast turned into floats are refused where they are used
+        # (check_integer_codes), not here, so that reductions and optimizer states
+        # mapped over a tree keep working.
         static = _local_static(static, children[0], children[1])
         qa = object.__new__(cls)
         for name, value in zip(("data", "scale", "zero_point", *cls._static_names),
@@ -238,6 +273,7 @@ class QArray:
     @property
     def codes(self):
         """The integer codes, one per element, shaped ``batch_shape + shape``."""
+        check_integer_codes(self)
         if self.packed_axis is None:
             return self.data
         from arrayquant.packing import unpack

@@ -77,6 +77,18 @@ try:
     aq.sharding_like(aq.quantize(w[:, :20], "uint4"), NamedSharding(mesh, P(None, "x")))
 except ValueError as e:
     out["bad_packed"] = str(e)
+# Groups of 4 split over 8 devices along 24 columns (3 per device): under jit the values are
+# right (scales replicated); inside shard_map a shard holds no whole group: a clear error.
+qm = aq.quantize(np.ones((8, 24), np.float32), "int8", True, group_size=4)
+sm = aq.sharding_like(qm, NamedSharding(mesh, P(None, "x")))
+qms = jax.device_put(jax.tree.map(jnp.asarray, qm), sm)
+out["misaligned_jit_equal"] = bool(np.array_equal(np.asarray(jax.jit(aq.dequantize)(qms)),
+                                                  aq.dequantize(qm)))
+try:
+    shard_map(aq.dequantize, mesh=mesh, in_specs=(jax.tree.map(lambda t: t.spec, sm),),
+              out_specs=P(None, "x"))(qms)
+except ValueError as e:
+    out["misaligned_shard_map"] = str(e)
 print(json.dumps(out))
 """
 
@@ -111,3 +123,5 @@ def test_sharded_qarrays_on_eight_devices():
     assert load["fn"] == [None, None]
     assert "shardings name paths that the checkpoint does not hold: 'missing'" in load["unknown"]
     assert "would cut bytes of 2 codes" in out["bad_packed"]
+    assert out["misaligned_jit_equal"]
+    assert "Inside shard_map each shard must hold whole blocks" in out["misaligned_shard_map"]

@@ -98,13 +98,25 @@ def test_stacked_errors(backend):
                   qs.block_shape)
 
 
-def test_dtype_cast_over_a_tree_never_reaches_codes_silently():
+def test_dtype_cast_over_a_tree_never_reaches_codes_silently(tmp_path):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     tree = {"w": aq.quantize(jnp.ones((4, 8)), "uint4", group_size=4),
             "b": jnp.zeros(4), "n": jnp.arange(3)}
-    with pytest.raises(TypeError, match="QArray data would become bfloat16"):
-        jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+    cast = jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)  # JAX cannot be stopped...
+    x = jnp.ones((2, 8))
+    for use in (aq.dequantize, lambda q: aq.linear(x, q),
+                lambda q: aq.linear(x, q, act_dtype="int8"), lambda q: q.codes,
+                lambda q: jax.jit(aq.dequantize)(q),
+                lambda q: aq.tree_report({"w": jnp.ones((4, 8))}, {"w": q})):
+        with pytest.raises(TypeError, match="data has dtype bfloat16 .qtype uint4.: a dtype cast"):
+            use(cast["w"])  # ... but every use of the cast codes fails, never silently
+    with pytest.raises(TypeError, match="cannot save 'w': QArray data has dtype bfloat16"):
+        aq.save(tmp_path / "c.safetensors", {"w": cast["w"]})
+    # Reductions and optimizer states mapped over a tree keep working.
+    assert jax.tree.map(jnp.mean, tree)["w"].data.shape == ()
+    assert jax.tree.map(lambda a: jnp.zeros_like(a, dtype=jnp.float32), tree)["w"].data.dtype \
+        == jnp.float32
     out = aq.cast_floats(tree, "bfloat16")
     assert out["b"].dtype == jnp.bfloat16 and out["n"].dtype == tree["n"].dtype
     assert out["w"] is tree["w"]
@@ -114,3 +126,18 @@ def test_dtype_cast_over_a_tree_never_reaches_codes_silently():
     out_np = aq.cast_floats({"w": aq.quantize(np.ones((2, 4), np.float32), "int8"),
                              "b": np.zeros(2)}, "float16")
     assert out_np["b"].dtype == np.float16 and out_np["w"].data.dtype == np.int8
+
+
+def test_rule_batch_axes_quantizes_each_layer():
+    ws = _stack(np.random.default_rng(9))
+    tree = {"layers": {"w": ws}, "head": ws[0]}
+    q = aq.quantize_tree(tree, [aq.Rule(include="layers", dtype="int4", axis=0, batch_axes=1),
+                                aq.Rule(dtype="int8", axis=0)])
+    w = q["layers"]["w"]
+    assert w.batch_shape == (3,) and w.scale.shape == (3, 6, 1)  # per layer, per channel
+    np.testing.assert_array_equal(w[2].data, aq.quantize(ws[2], "int4", axis=0).data)
+    assert q["head"].batch_shape == () and q["head"].scale.shape == (6, 1)
+    rep = aq.tree_report(tree, q)
+    assert [row.shape for row in rep.rows] == [(3, 6, 33), (6, 33)]
+    with pytest.raises(ValueError, match="batch_axes"):
+        aq.Rule(batch_axes=-1)

@@ -69,7 +69,7 @@ from arrayquant.affine.params import (
     store_zero_point,
 )
 from arrayquant.blocking import Blocking, from_view, plan, plan_from_scale, to_view
-from arrayquant.qarray import QArray
+from arrayquant.qarray import QArray, check_fits, check_integer_codes
 from arrayquant.qtypes import QType, as_qtype
 
 __all__ = [
@@ -377,6 +377,8 @@ def dequantize(qa: QArray, dtype=None):
             f"dequantize expects an arrayquant.QArray, got {type(qa).__name__}; "
             "for bare codes use dequantize_with(codes, scale, zero_point)"
         )
+    check_integer_codes(qa)
+    check_fits(qa)
     xp = namespace(qa.data, qa.scale, qa.zero_point)
     out_dtype = float_dtype(xp, qa.dtype if dtype is None else dtype)
     return dequantize_codes(qa.codes, qa.scale, qa.zero_point, qa.blocking(), out_dtype, xp)

@@ -24,7 +24,7 @@ from arrayquant.checkpoint.stfile import (
     canonical_json,
 )
 from arrayquant.checkpoint.values import qarray_problem
-from arrayquant.qarray import QArray
+from arrayquant.qarray import QArray, check_integer_codes
 from arrayquant.trees import is_leaf, jax_tree_util, map_leaves
 
 __all__ = ["build_metadata", "save", "write_atomic"]
@@ -194,6 +194,8 @@ def save(path, tree) -> None:
     entries = []
     tensors: dict[str, np.ndarray] = {}
     for p, leaf in leaves:
+        if isinstance(leaf, QArray):
+            check_integer_codes(leaf, f"cannot save {p!r}: QArray")
         entries.append(leaf_entry(p, leaf))
         names = tensor_names(p, leaf)
         arrays = ({"data": leaf.data, "scale": leaf.scale, "zero_point": leaf.zero_point}

@@ -18,7 +18,7 @@ from arrayquant.products.arrays import check_float, out_dtype
 from arrayquant.products.integer import integer_product
 from arrayquant.products.plan import FORMULATIONS, INTEGER, INTEGER_KIND, TABLE, weight_plan
 from arrayquant.products.weight_only import weight_only
-from arrayquant.qarray import QArray
+from arrayquant.qarray import QArray, check_fits, check_integer_codes
 from arrayquant.qtypes import as_qtype
 
 __all__ = ["linear", "matmul"]
@@ -39,6 +39,9 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
         bias,
     )
     for name, q in (("x", x), ("w", w)):
+        if isinstance(q, QArray):
+            check_integer_codes(q, name)
+            check_fits(q)
         if isinstance(q, QArray) and q.batch_shape:
             raise ValueError(
                 f"{name} is a stacked QArray (batch_shape {q.batch_shape}, items of shape "

@@ -107,8 +107,12 @@ class Rule:
     ``exclude`` is ``None`` or finds none; ``ndim >= min_ndim``; ``size >=
     min_size``. The leaf is then quantized with
     ``arrayquant.quantize(leaf, dtype, symmetric, axis, group_size, group_axis,
-    scale_dtype=scale_dtype)``, or left as it is when ``dtype`` is ``None``
-    (a rule that keeps, say, the output head or the embeddings in float).
+    scale_dtype=scale_dtype, batch_axes=batch_axes)``, or left as it is when
+    ``dtype`` is ``None`` (a rule that keeps, say, the output head or the
+    embeddings in float). For stacked layers (an ``(L, out, in)`` leaf),
+    ``batch_axes=1`` quantizes each layer on its own, with ``axis`` and
+    ``group_axis`` counted within one layer; without it, ``axis=0`` would give
+    one scale per layer.
 
     The defaults are those of :func:`arrayquant.quantize` (int8, asymmetric, one
     scale per tensor) with ``min_ndim=2``, so biases and norm scales are never
@@ -139,6 +143,7 @@ class Rule:
     group_size: int | None = None
     group_axis: int = -1
     scale_dtype: str = "float32"
+    batch_axes: int = 0
     _include_re: Any = field(default=None, init=False, repr=False, compare=False)
     _exclude_re: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -147,6 +152,7 @@ class Rule:
         object.__setattr__(self, "_exclude_re", _compile(self.exclude, "exclude"))
         _check_count(self.min_ndim, "min_ndim")
         _check_count(self.min_size, "min_size")
+        _check_count(self.batch_axes, "batch_axes")
         if isinstance(self.axis, list):
             object.__setattr__(self, "axis", tuple(self.axis))
         if self.dtype is None:
@@ -191,7 +197,7 @@ class Rule:
             raise ValueError("this rule keeps leaves in float (dtype=None); nothing to quantize")
         return quantize(
             x, self.dtype, self.symmetric, self.axis, self.group_size, self.group_axis,
-            scale_dtype=self.scale_dtype,
+            scale_dtype=self.scale_dtype, batch_axes=self.batch_axes,
         )
 
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from arrayquant._backend import dtype_name
-from arrayquant.qarray import QArray, storage_nbytes
+from arrayquant.qarray import QArray, check_integer_codes, storage_nbytes
 from arrayquant.qtypes import as_qtype
 from arrayquant.trees.paths import flatten_tree, is_leaf
 
@@ -110,6 +110,7 @@ def leaf_report(path: str, original, new) -> LeafReport:
                           new.nbytes if isinstance(new, QArray) else storage_nbytes(new), None)
     before = storage_nbytes(original)
     if isinstance(new, QArray):
+        check_integer_codes(new)
         return LeafReport(
             path, shape, dtype_name(original.dtype), new.qtype, new.granularity, new.symmetric,
             before, new.nbytes, _sqnr(original, new),
