@@ -55,7 +55,7 @@ from arrayquant._backend import (
     namespace,
     scale_limits,
 )
-from arrayquant.affine.calibrate import MinMax, Percentile
+from arrayquant.affine.calibrate import DEFAULT_METHOD, MinMax, Percentile
 from arrayquant.affine.checks import (
     check_float_input,
     raise_if_bad_qparams,
@@ -63,13 +63,13 @@ from arrayquant.affine.checks import (
 )
 from arrayquant.affine.codes import dequantize_codes, quantize_view
 from arrayquant.affine.methods import as_method, calibrate
-from arrayquant.affine.search import HQQ, MSESearch
 from arrayquant.affine.params import (
     check_symmetric,
     params_from_range,
     qparams_from_range,
     store_zero_point,
 )
+from arrayquant.affine.search import HQQ, MSESearch
 from arrayquant.blocking import Blocking, from_view, plan, plan_from_scale, to_view
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QType, as_qtype
@@ -84,7 +84,7 @@ _USE_NUMPY_FAST_PATH = True
 
 
 def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp,
-                       method=MinMax()):
+                       method=DEFAULT_METHOD):
     cdt = compute_dtype(xp, x.dtype)
     sdt = float_dtype(xp, scale_dtype)
     if _USE_NUMPY_FAST_PATH and is_numpy(xp) and isinstance(method, MinMax):
@@ -141,7 +141,7 @@ def qparams(
     group_axis: int = -1,
     *,
     scale_dtype="float32",
-    method=MinMax(),
+    method=DEFAULT_METHOD,
 ):
     """Scale and zero point that map the range of ``x`` onto the codes of ``dtype``.
 
@@ -334,7 +334,7 @@ def quantize(
     *,
     scale_dtype="float32",
     batch_axes: int = 0,
-    method=MinMax(),
+    method=DEFAULT_METHOD,
 ) -> QArray:
     """Quantize ``x`` into a :class:`QArray` (scale and zero point from :func:`qparams`).
 

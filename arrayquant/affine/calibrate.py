@@ -38,7 +38,10 @@ from arrayquant._backend import finfo_limits
 from arrayquant.affine.codes import dequantize_view, quantize_view
 from arrayquant.blocking import Blocking
 
-__all__ = ["MinMax", "Percentile", "block_sse", "block_sum", "blocks_last", "from_blocks_last"]
+__all__ = [
+    "DEFAULT_METHOD", "MinMax", "Percentile", "block_sse", "block_sum", "blocks_last",
+    "from_blocks_last",
+]
 
 
 # --------------------------------------------------------------------------- blocks
@@ -127,6 +130,10 @@ class MinMax:
 
     def __call__(self, xv, b: Blocking, qt, symmetric, sdt, cdt, xp):
         return minmax_ranges(xv, b, xp)
+
+
+#: The default of every ``method=`` argument.
+DEFAULT_METHOD = MinMax()
 
 
 def percentile_index(q, n: int) -> int:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arrayquant._backend import is_float_dtype
-from arrayquant.affine.calibrate import MinMax
+from arrayquant.affine.calibrate import DEFAULT_METHOD
 from arrayquant.affine.methods import as_method
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import as_qtype
@@ -143,7 +143,7 @@ class Rule:
     group_size: int | None = None
     group_axis: int = -1
     scale_dtype: str = "float32"
-    method: Any = MinMax()
+    method: Any = DEFAULT_METHOD
     _include_re: Any = field(default=None, init=False, repr=False, compare=False)
     _exclude_re: Any = field(default=None, init=False, repr=False, compare=False)
 
