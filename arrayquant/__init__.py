@@ -9,6 +9,10 @@
 from arrayquant._backend import scale_limits
 from arrayquant._backend.jaxtools import install_hook as _install_jax_hook
 from arrayquant.affine import (
+    HQQ,
+    MinMax,
+    MSESearch,
+    Percentile,
     dequantize,
     dequantize_with,
     qparams,
@@ -65,6 +69,10 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError",
+    "HQQ",
+    "MSESearch",
+    "MinMax",
+    "Percentile",
     "LeafReport",
     "QArray",
     "QType",

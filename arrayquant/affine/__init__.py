@@ -55,35 +55,39 @@ from arrayquant._backend import (
     namespace,
     scale_limits,
 )
-from arrayquant.affine.calibrate import minmax_ranges
+from arrayquant.affine.calibrate import DEFAULT_METHOD, MinMax, Percentile
 from arrayquant.affine.checks import (
     check_float_input,
     raise_if_bad_qparams,
     raise_if_not_finite,
 )
 from arrayquant.affine.codes import dequantize_codes, quantize_view
+from arrayquant.affine.methods import as_method, calibrate
 from arrayquant.affine.params import (
     check_symmetric,
     params_from_range,
     qparams_from_range,
     store_zero_point,
 )
+from arrayquant.affine.search import HQQ, MSESearch
 from arrayquant.blocking import Blocking, from_view, plan, plan_from_scale, to_view
 from arrayquant.qarray import QArray, check_fits, check_integer_codes
 from arrayquant.qtypes import QType, as_qtype
 
 __all__ = [
     "qparams", "qparams_from_range", "quantize_with", "dequantize_with", "quantize", "dequantize",
+    "MinMax", "Percentile", "MSESearch", "HQQ",
 ]
 
 # Tests flip this to compare the NumPy fast path with the generic one.
 _USE_NUMPY_FAST_PATH = True
 
 
-def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp):
+def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp,
+                       method=DEFAULT_METHOD):
     cdt = compute_dtype(xp, x.dtype)
     sdt = float_dtype(xp, scale_dtype)
-    if _USE_NUMPY_FAST_PATH and is_numpy(xp):
+    if _USE_NUMPY_FAST_PATH and is_numpy(xp) and isinstance(method, MinMax):
         from arrayquant.affine._numpy import qparams_and_codes
 
         def params(rmin, rmax):
@@ -92,10 +96,7 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
 
         return qparams_and_codes(x, qt, symmetric, b, sdt, want_codes, params)
     xv = to_view(xp.astype(x, cdt), b, xp)
-    rmin, rmax = minmax_ranges(xv, b, xp)
-    # min/max propagate NaN and inf, so checking the (small) ranges is enough.
-    raise_if_not_finite(xp, rmin, rmax)
-    s, z = params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
+    s, z = calibrate(method, xv, b, qt, symmetric, sdt, cdt, xp)
     codes = from_view(quantize_view(xv, s, z, qt, cdt, xp), b, xp) if want_codes else None
     s = xp.reshape(s, b.scale_shape)
     z = store_zero_point(z, qt, xp)
@@ -103,7 +104,8 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
     return s, z, codes
 
 
-def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int = 0):
+def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int = 0,
+             method=None):
     """Namespace, qtype and blocking; with ``batch_axes=k`` the granularity arguments
     refer to one item (the shape after the first ``k`` axes), and the blocking of the
     whole array has blocks of one element along the batch axes."""
@@ -111,6 +113,7 @@ def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int 
     check_float_input(x, xp)
     qt = as_qtype(dtype)
     check_symmetric(qt, symmetric)
+    method = as_method(method)
     if isinstance(axis, list):
         axis = tuple(axis)
     shape = tuple(x.shape)
@@ -123,7 +126,7 @@ def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int 
     b = plan(shape[batch_axes:], axis, group_size, group_axis)
     if batch_axes:
         b = Blocking(shape, (1,) * batch_axes + b.block)
-    return xp, qt, b
+    return xp, qt, b, method
 
 
 # --------------------------------------------------------------------------- public API
@@ -138,6 +141,7 @@ def qparams(
     group_axis: int = -1,
     *,
     scale_dtype="float32",
+    method=DEFAULT_METHOD,
 ):
     """Scale and zero point that map the range of ``x`` onto the codes of ``dtype``.
 
@@ -165,6 +169,12 @@ def qparams(
         group_size: one scale per this many consecutive elements along ``group_axis``.
         group_axis: the axis the groups run along (default: the last).
         scale_dtype: dtype of the returned scale (default float32).
+        method: the calibration method that chooses each block's range or
+            parameters: :class:`~arrayquant.MinMax` (default, the formulas
+            above), :class:`~arrayquant.Percentile`,
+            :class:`~arrayquant.MSESearch`, :class:`~arrayquant.HQQ`, or one
+            of the names ``"minmax"``, ``"percentile"``, ``"mse"``, ``"hqq"``
+            for their default settings (see docs/calibration.md).
 
     Returns:
         ``(scale, zero_point)``, both of the rank of ``x`` with
@@ -176,7 +186,7 @@ def qparams(
         TypeError: ``x`` is not a floating array; an axis is not an int.
         ValueError: unknown ``dtype``; axis out of range; ``group_size <= 0``;
             both ``axis`` and ``group_size``; symmetric with an unsigned type;
-            eager mode only: NaN or inf in ``x``, or a block that needs a
+            an unknown ``method``; eager mode only: NaN or inf in ``x``, or a block that needs a
             scale above ``hi`` (it would saturate; the message names the scale
             needed, the cap and a scale dtype or input dtype that works).
             Under ``jax.jit`` such a block's scale is clipped to ``hi`` and its
@@ -190,8 +200,8 @@ def qparams(
         >>> round(float(s[0, 0]), 4), int(z[0, 0])
         (3.5788, -77)
     """
-    xp, qt, b = _resolve(x, dtype, symmetric, axis, group_size, group_axis)
-    s, z, _ = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, False, xp)
+    xp, qt, b, method = _resolve(x, dtype, symmetric, axis, group_size, group_axis, 0, method)
+    s, z, _ = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, False, xp, method)
     return s, z
 
 
@@ -324,10 +334,11 @@ def quantize(
     *,
     scale_dtype="float32",
     batch_axes: int = 0,
+    method=DEFAULT_METHOD,
 ) -> QArray:
     """Quantize ``x`` into a :class:`QArray` (scale and zero point from :func:`qparams`).
 
-    Same arguments and errors as :func:`qparams`. Sub-byte types (int2, int4,
+    Same arguments (``method=`` included) and errors as :func:`qparams`. Sub-byte types (int2, int4,
     uint2, uint4) are stored packed along the last axis (see
     :mod:`arrayquant.packing`); ``qa.codes`` always gives one code per element.
 
@@ -345,8 +356,9 @@ def quantize(
         >>> float(np.max(np.abs(aq.dequantize(qa) - np.linspace(-1, 1, 8)))) < 0.1
         True
     """
-    xp, qt, b = _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes)
-    s, z, codes = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp)
+    xp, qt, b, method = _resolve(x, dtype, symmetric, axis, group_size, group_axis,
+                                 batch_axes, method)
+    s, z, codes = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp, method)
     return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes)
 
 

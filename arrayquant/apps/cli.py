@@ -2,7 +2,7 @@
 
 ::
 
-    arrayquant quantize IN -o OUT [--dtype int4] [--group-size 128] [--symmetric]
+    arrayquant quantize IN -o OUT [--dtype int4] [--group-size 128] [--symmetric] [--method mse]
                                   [--exclude REGEX]... [--include REGEX]
     arrayquant inspect FILE [--verify] [--limit N]
     arrayquant demo [--backend auto|jax|numpy] [--repeats N]
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group-axis", type=int, default=-1, metavar="K",
                    help="axis the groups run along (default: -1, the input features of "
                         "(out, in) weights)")
+    q.add_argument("--method", default="minmax", choices=("minmax", "percentile", "mse", "hqq"),
+                   help="calibration method, with its default settings (default: minmax; "
+                        "see docs/calibration.md)")
     q.add_argument("--symmetric", action="store_true",
                    help="symmetric quantization (no zero point; signed types only)")
     q.add_argument("--include", metavar="REGEX",
@@ -148,7 +151,7 @@ def _rules(args):
                     from None
     return [Rule(include=args.include, exclude=exclude, min_ndim=args.min_ndim,
                  min_size=args.min_size, dtype=args.dtype, symmetric=args.symmetric,
-                 scale_dtype=args.scale_dtype, **gran)]
+                 scale_dtype=args.scale_dtype, method=args.method, **gran)]
 
 
 def _cmd_quantize(args) -> int:

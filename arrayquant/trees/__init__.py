@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arrayquant._backend import is_float_dtype
+from arrayquant.affine.calibrate import DEFAULT_METHOD
+from arrayquant.affine.methods import as_method
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import as_qtype
 
@@ -107,9 +109,9 @@ class Rule:
     ``exclude`` is ``None`` or finds none; ``ndim >= min_ndim``; ``size >=
     min_size``. The leaf is then quantized with
     ``arrayquant.quantize(leaf, dtype, symmetric, axis, group_size, group_axis,
-    scale_dtype=scale_dtype, batch_axes=batch_axes)``, or left as it is when
-    ``dtype`` is ``None`` (a rule that keeps, say, the output head or the
-    embeddings in float). For stacked layers (an ``(L, out, in)`` leaf),
+    scale_dtype=scale_dtype, method=method, batch_axes=batch_axes)``, or left as
+    it is when ``dtype`` is ``None`` (a rule that keeps, say, the output head or
+    the embeddings in float). For stacked layers (an ``(L, out, in)`` leaf),
     ``batch_axes=1`` quantizes each layer on its own, with ``axis`` and
     ``group_axis`` counted within one layer; without it, ``axis=0`` would give
     one scale per layer.
@@ -119,12 +121,14 @@ class Rule:
     quantized unless asked for. Per output channel is ``axis=0`` for PyTorch
     ``(out, in)`` weights and ``axis=-1`` for JAX ``(in, out)`` kernels; per
     group along the input features is ``group_size=g`` with ``group_axis=-1``
-    (``(out, in)``) or ``group_axis=0`` (``(in, out)``).
+    (``(out, in)``) or ``group_axis=0`` (``(in, out)``). ``method`` is the
+    calibration method (:class:`~arrayquant.MinMax` by default; a name such as
+    ``"mse"`` is turned into its default instance).
 
     Raises:
         ValueError: an invalid regular expression, an unknown ``dtype``, a negative
-            ``min_ndim``/``min_size``, ``symmetric`` with an unsigned type, or both
-            ``axis`` and ``group_size``.
+            ``min_ndim``/``min_size``, ``symmetric`` with an unsigned type, both
+            ``axis`` and ``group_size``, or an unknown ``method``.
         TypeError: a pattern that is not a string.
 
     Example:
@@ -143,6 +147,7 @@ class Rule:
     group_size: int | None = None
     group_axis: int = -1
     scale_dtype: str = "float32"
+    method: Any = DEFAULT_METHOD
     batch_axes: int = 0
     _include_re: Any = field(default=None, init=False, repr=False, compare=False)
     _exclude_re: Any = field(default=None, init=False, repr=False, compare=False)
@@ -155,6 +160,10 @@ class Rule:
         _check_count(self.batch_axes, "batch_axes")
         if isinstance(self.axis, list):
             object.__setattr__(self, "axis", tuple(self.axis))
+        try:
+            object.__setattr__(self, "method", as_method(self.method))
+        except ValueError as e:
+            raise ValueError(f"Rule: {e}") from None
         if self.dtype is None:
             return
         qt = as_qtype(self.dtype)
@@ -197,7 +206,7 @@ class Rule:
             raise ValueError("this rule keeps leaves in float (dtype=None); nothing to quantize")
         return quantize(
             x, self.dtype, self.symmetric, self.axis, self.group_size, self.group_axis,
-            scale_dtype=self.scale_dtype, batch_axes=self.batch_axes,
+            scale_dtype=self.scale_dtype, method=self.method, batch_axes=self.batch_axes,
         )
 
 
