@@ -53,6 +53,23 @@ def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def min_max(x, axes):
+    """``(min(x), max(x))`` over ``axes`` (kept as size-1 axes) as one variadic reduce.
+
+    One pass over ``x``: XLA:CPU runs ``min`` and ``max`` as two reductions.
+    NaN propagates as in ``jnp.min`` / ``jnp.max`` (XLA's minimum and maximum).
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    axes = tuple(axes)
+    init = (jnp.asarray(jnp.inf, x.dtype), jnp.asarray(-jnp.inf, x.dtype))
+    lo, hi = lax.reduce((x, x), init,
+                        lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes)
+    keep = tuple(1 if d in axes else n for d, n in enumerate(x.shape))
+    return lax.reshape(lo, keep), lax.reshape(hi, keep)
+
+
 def check_finite(x, what: str = "x") -> None:
     """``checkify.check`` that every element of ``x`` is finite (use under checkify)."""
     import jax.numpy as jnp

@@ -83,8 +83,35 @@ __all__ = [
 _USE_NUMPY_FAST_PATH = True
 
 
+def _packed_codes(xv, s, z, qt: QType, b: Blocking, cdt, xp):
+    """Codes packed along the last axis straight from the split view, or None.
+
+    Packing the codes afterwards reads them back with a stride (``codes[...,
+    k::per]``), and XLA then quantizes every byte's values through scalar index
+    arithmetic. Here phase ``k`` of the *input*, ``xv[..., k::per]``, is quantized
+    on its own and the phases are joined (:func:`arrayquant.packing.join_phases`):
+    the same operations on the same values, so the same bytes. It applies when
+    the view's last axis (the block along the last axis) and the last axis hold
+    whole bytes, and one scale covers each block along it.
+    """
+    from arrayquant.packing import join_phases
+
+    per = 8 // qt.bits
+    if (not b.shape or xv.shape[-1] % per or b.shape[-1] % per or s.shape[-1] != 1
+            or (z is not None and z.shape[-1] != 1)):
+        return None
+    phases = [quantize_view(xv[..., k::per], s, z, qt, cdt, xp) for k in range(per)]
+    out = xp.reshape(join_phases(phases, qt.bits, xp),
+                     (*b.padded_shape[:-1], b.padded_shape[-1] // per))
+    if b.needs_padding:
+        out = out[tuple(slice(0, n) for n in (*b.shape[:-1], b.shape[-1] // per))]
+    return out
+
+
 def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp,
-                       method=DEFAULT_METHOD):
+                       method=DEFAULT_METHOD, packed: bool = False):
+    """``(scale, zero_point, codes, codes_are_packed)``; ``packed=True`` asks for codes
+    packed along the last axis where that can be done while quantizing."""
     cdt = compute_dtype(xp, x.dtype)
     sdt = float_dtype(xp, scale_dtype)
     if _USE_NUMPY_FAST_PATH and is_numpy(xp) and isinstance(method, MinMax):
@@ -94,14 +121,17 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
             s, z = params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
             return s, z, store_zero_point(z, qt, xp)
 
-        return qparams_and_codes(x, qt, symmetric, b, sdt, want_codes, params)
+        return (*qparams_and_codes(x, qt, symmetric, b, sdt, want_codes, params), False)
     xv = to_view(xp.astype(x, cdt), b, xp)
     s, z = calibrate(method, xv, b, qt, symmetric, sdt, cdt, xp)
-    codes = from_view(quantize_view(xv, s, z, qt, cdt, xp), b, xp) if want_codes else None
+    codes = _packed_codes(xv, s, z, qt, b, cdt, xp) if want_codes and packed else None
+    is_packed = codes is not None
+    if want_codes and codes is None:
+        codes = from_view(quantize_view(xv, s, z, qt, cdt, xp), b, xp)
     s = xp.reshape(s, b.scale_shape)
     z = store_zero_point(z, qt, xp)
     z = None if z is None else xp.reshape(z, b.scale_shape)
-    return s, z, codes
+    return s, z, codes, is_packed
 
 
 def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int = 0,
@@ -201,7 +231,7 @@ def qparams(
         (3.5788, -77)
     """
     xp, qt, b, method = _resolve(x, dtype, symmetric, axis, group_size, group_axis, 0, method)
-    s, z, _ = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, False, xp, method)
+    s, z, _, _ = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, False, xp, method)
     return s, z
 
 
@@ -358,19 +388,24 @@ def quantize(
     """
     xp, qt, b, method = _resolve(x, dtype, symmetric, axis, group_size, group_axis,
                                  batch_axes, method)
-    s, z, codes = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp, method)
-    return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes)
+    sub_byte = qt.bits < 8 and len(b.shape) > batch_axes
+    s, z, codes, packed = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp, method,
+                                             packed=sub_byte)
+    return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes, packed)
 
 
-def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, nb: int) -> QArray:
-    """The container, with the storage rule: sub-byte codes packed along the last axis."""
+def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, nb: int,
+                 packed: bool = False) -> QArray:
+    """The container, with the storage rule: sub-byte codes packed along the last axis
+    (``packed``: already packed that way while quantizing)."""
     packed_axis = None
     item, block = b.shape[nb:], b.block[nb:]
     if qt.bits < 8 and len(item) > 0:
         from arrayquant.packing import pack
 
         packed_axis = len(item) - 1
-        codes = pack(codes, qt.bits, axis=nb + packed_axis, _checked=True)
+        if not packed:
+            codes = pack(codes, qt.bits, axis=nb + packed_axis, _checked=True)
     return QArray(codes, s, z, qt.name, item, orig_dtype, block, packed_axis)
 
 

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from arrayquant._backend import finfo_limits
+from arrayquant._backend import finfo_limits, is_jax
 from arrayquant.affine.codes import dequantize_view, quantize_view
 from arrayquant.blocking import Blocking
 
@@ -100,7 +100,17 @@ def block_sse(xf, s, z, qt, cdt, xp):
 
 
 def minmax_ranges(xv, b: Blocking, xp):
+    """Each block's minimum and maximum, shaped ``b.scale_view_shape``."""
     axes = b.reduce_axes
+    if (is_jax(xp) and b.shape and 1 < b.block[-1] < b.padded_shape[-1]
+            and axes == (len(b.view_shape) - 1,)):
+        # Groups along the last axis only: one variadic reduce reads the input once for
+        # both ends (4096 x 4096 in groups of 128: 1.7 ms against 6.6 ms on XLA:CPU). Not
+        # for other layouts, where it measured as slow or far slower (63 ms over axis 0).
+        # Min and max select values, so the result is the same.
+        from arrayquant._backend.jaxtools import min_max
+
+        return min_max(xv, axes)
     return (
         xp.min(xv, axis=axes, keepdims=True),
         xp.max(xv, axis=axes, keepdims=True),

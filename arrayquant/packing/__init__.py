@@ -98,27 +98,40 @@ def pack(codes, bits: int, axis: int = -1, *, signed: bool | None = None, _check
         _check_range(codes, bits, signed, xp)
     if bits < 8 and is_numpy(xp) and _np_fast.can_use(codes, bits, axis):
         return _np_fast.pack_last(codes, bits)
-    mask = (1 << bits) - 1
-    # Two's complement bits of the low `bits`, computed in the codes' own dtype:
-    # bitwise_and is defined on negative integers, the result is non-negative.
-    if bits == 8 and dtype_name(codes.dtype) != "uint8":
-        codes = xp.astype(codes, xp.int16)  # so that the mask 0xFF fits the dtype
-    v = xp.astype(xp.bitwise_and(codes, mask), xp.uint8)
     if bits == 8:
-        return v
+        if dtype_name(codes.dtype) != "uint8":
+            codes = xp.astype(codes, xp.int16)  # so that the mask 0xFF fits the dtype
+        return xp.astype(xp.bitwise_and(codes, 0xFF), xp.uint8)
     per = 8 // bits
-    v = xp.moveaxis(v, axis, -1)
+    v = xp.moveaxis(codes, axis, -1)
     n = v.shape[-1]
     m = -(-n // per)
     if m * per != n:
-        pad = xp.zeros((*v.shape[:-1], m * per - n), dtype=xp.uint8)
+        pad = xp.zeros((*v.shape[:-1], m * per - n), dtype=v.dtype)
         v = xp.concat([v, pad], axis=-1)
     # Strided slices rather than a (..., m, per) reshape: XLA handles a minor
     # dimension of size 2 or 4 poorly (measured 2x slower on CPU).
-    out = v[..., 0::per]
-    for k in range(1, per):
-        out = xp.bitwise_or(out, xp.bitwise_left_shift(v[..., k::per], k * bits))
-    return xp.moveaxis(out, -1, axis)
+    return xp.moveaxis(join_phases([v[..., k::per] for k in range(per)], bits, xp), -1, axis)
+
+
+def join_phases(phases, bits: int, xp):
+    """Bytes from the codes of each position in a byte: THE sub-byte layout rule.
+
+    ``phases[k]`` holds the codes at positions ``k, k + per, k + 2 per, ...``
+    along the packed axis (``per = 8 // bits``, all phases the same shape); code
+    ``k`` of a byte goes to its bits ``[k * bits, (k + 1) * bits)``, the first
+    code in the low bits. :func:`pack` is this applied to ``codes[..., k::per]``;
+    quantizing each phase of the input on its own and joining the phases gives
+    the same bytes without reading the codes back with a stride.
+    """
+    mask = (1 << bits) - 1
+    out = None
+    for k, c in enumerate(phases):
+        # Two's complement bits of the low `bits`, computed in the codes' own dtype:
+        # bitwise_and is defined on negative integers, the result is non-negative.
+        v = xp.astype(xp.bitwise_and(c, mask), xp.uint8)
+        out = v if out is None else xp.bitwise_or(out, xp.bitwise_left_shift(v, k * bits))
+    return out
 
 
 def unpack(packed, bits: int, length: int, axis: int = -1, *, signed: bool):
