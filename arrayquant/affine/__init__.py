@@ -61,7 +61,7 @@ from arrayquant.affine.checks import (
     raise_if_bad_qparams,
     raise_if_not_finite,
 )
-from arrayquant.affine.codes import dequantize_codes, quantize_view
+from arrayquant.affine.codes import dequantize_codes, packed_codes, quantize_view
 from arrayquant.affine.methods import as_method, calibrate
 from arrayquant.affine.params import (
     check_symmetric,
@@ -83,31 +83,6 @@ __all__ = [
 _USE_NUMPY_FAST_PATH = True
 
 
-def _packed_codes(xv, s, z, qt: QType, b: Blocking, cdt, xp):
-    """Codes packed along the last axis straight from the split view, or None.
-
-    Packing the codes afterwards reads them back with a stride (``codes[...,
-    k::per]``), and XLA then quantizes every byte's values through scalar index
-    arithmetic. Here phase ``k`` of the *input*, ``xv[..., k::per]``, is quantized
-    on its own and the phases are joined (:func:`arrayquant.packing.join_phases`):
-    the same operations on the same values, so the same bytes. It applies when
-    the view's last axis (the block along the last axis) and the last axis hold
-    whole bytes, and one scale covers each block along it.
-    """
-    from arrayquant.packing import join_phases
-
-    per = 8 // qt.bits
-    if (not b.shape or xv.shape[-1] % per or b.shape[-1] % per or s.shape[-1] != 1
-            or (z is not None and z.shape[-1] != 1)):
-        return None
-    phases = [quantize_view(xv[..., k::per], s, z, qt, cdt, xp) for k in range(per)]
-    out = xp.reshape(join_phases(phases, qt.bits, xp),
-                     (*b.padded_shape[:-1], b.padded_shape[-1] // per))
-    if b.needs_padding:
-        out = out[tuple(slice(0, n) for n in (*b.shape[:-1], b.shape[-1] // per))]
-    return out
-
-
 def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp,
                        method=DEFAULT_METHOD, packed: bool = False):
     """``(scale, zero_point, codes, codes_are_packed)``; ``packed=True`` asks for codes
@@ -124,7 +99,7 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
         return (*qparams_and_codes(x, qt, symmetric, b, sdt, want_codes, params), False)
     xv = to_view(xp.astype(x, cdt), b, xp)
     s, z = calibrate(method, xv, b, qt, symmetric, sdt, cdt, xp)
-    codes = _packed_codes(xv, s, z, qt, b, cdt, xp) if want_codes and packed else None
+    codes = packed_codes(xv, s, z, qt, b, cdt, xp) if want_codes and packed else None
     is_packed = codes is not None
     if want_codes and codes is None:
         codes = from_view(quantize_view(xv, s, z, qt, cdt, xp), b, xp)

@@ -7,6 +7,7 @@ import numpy as np  # only for np.errstate: overflow to inf is intended, then cl
 from arrayquant._backend import compute_dtype, exact_reciprocal, finfo_limits, int_dtype
 from arrayquant.affine.params import clip, clip_range
 from arrayquant.blocking import Blocking, from_view, to_view
+from arrayquant.packing import join_phases
 from arrayquant.qtypes import QType
 
 
@@ -47,3 +48,26 @@ def dequantize_view(cv, s, z, cdt, xp, out_dtype=None):
     # for maximum + minimum at 4096 x 4096), and its per-call overhead does not matter.
     big = finfo_limits(cdt if out_dtype is None else out_dtype)[1]
     return xp.clip(out, -big, big)
+
+
+def packed_codes(xv, s, z, qt: QType, b: Blocking, cdt, xp):
+    """Codes packed along the last axis straight from the split view, or None.
+
+    Packing the codes afterwards reads them back with a stride (``codes[...,
+    k::per]``), and XLA then quantizes every byte's values through scalar index
+    arithmetic. Here phase ``k`` of the *input*, ``xv[..., k::per]``, is quantized
+    on its own and the phases are joined (:func:`arrayquant.packing.join_phases`):
+    the same operations on the same values, so the same bytes. It applies when
+    the view's last axis (the block along the last axis) and the last axis hold
+    whole bytes, and one scale covers each block along it.
+    """
+    per = 8 // qt.bits
+    if (not b.shape or xv.shape[-1] % per or b.shape[-1] % per or s.shape[-1] != 1
+            or (z is not None and z.shape[-1] != 1)):
+        return None
+    phases = [quantize_view(xv[..., k::per], s, z, qt, cdt, xp) for k in range(per)]
+    out = xp.reshape(join_phases(phases, qt.bits, xp),
+                     (*b.padded_shape[:-1], b.padded_shape[-1] // per))
+    if b.needs_padding:
+        out = out[tuple(slice(0, n) for n in (*b.shape[:-1], b.shape[-1] // per))]
+    return out
