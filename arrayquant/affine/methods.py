@@ -8,7 +8,7 @@ parameters of every block.
 
 from __future__ import annotations
 
-from arrayquant.affine.calibrate import MinMax, Percentile
+from arrayquant.affine.calibrate import MinMax, Percentile, minmax_ranges
 from arrayquant.affine.checks import raise_if_not_finite
 from arrayquant.affine.params import params_from_range
 from arrayquant.affine.search import HQQ, MSESearch
@@ -54,8 +54,7 @@ def calibrate(method, xv, b: Blocking, qt, symmetric: bool, sdt, cdt, xp):
     ``z`` is an integer-valued ``cdt`` array, or None when symmetric. Eager mode
     checks that ``xv`` is finite (on its min and max: they propagate NaN and inf).
     """
-    rmin = xp.min(xv, axis=b.reduce_axes, keepdims=True)
-    rmax = xp.max(xv, axis=b.reduce_axes, keepdims=True)
+    rmin, rmax = minmax_ranges(xv, b, xp)
     raise_if_not_finite(xp, rmin, rmax)
     if isinstance(method, MinMax):
         return params_from_range(rmin, rmax, qt, symmetric, sdt, cdt, xp)
