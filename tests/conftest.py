@@ -184,3 +184,18 @@ def call(backend):
     if backend.jit:
         return jit_call
     return lambda f: f
+
+
+def run_on_host_devices(script: str, devices: int = 8) -> str:
+    """Run ``script`` in a fresh Python with ``devices`` host (CPU) JAX devices; return
+    the last line it printed. The device count must be set before JAX starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]

@@ -10,13 +10,11 @@ same collectives as the float product (weight-only) or only all-reduces (W8A8).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from conftest import run_on_host_devices
 
 import arrayquant as aq
 
@@ -86,12 +84,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_in_sharded_products_use_the_float_products_collectives():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = json.loads(run_on_host_devices(_SHARDED))
     assert counts.pop("devices") == 8
     for case, c in counts.items():
         tokens = case.split()[0]

@@ -6,11 +6,9 @@ Each test runs a script in a subprocess: the device count must be set before JAX
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_on_host_devices
 
 pytest.importorskip("jax")
 
@@ -94,12 +92,7 @@ print(json.dumps(out))
 
 
 def test_sharded_qarrays_on_eight_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(run_on_host_devices(_SCRIPT))
     assert out["devices"] == 8
     c = out["cases"]
     for name, r in c.items():
