@@ -27,6 +27,7 @@ from arrayquant.checkpoint import (
     quantize_checkpoint,
     save,
 )
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.metrics import max_abs_error, mse, sqnr_db
 from arrayquant.packing import (
     from_high_nibble_first,
@@ -43,6 +44,7 @@ from arrayquant.products import int32_safe_in_features, linear, matmul, quantize
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QType, as_qtype
 from arrayquant.sharding import sharding_like
+from arrayquant.stats import LayerStats
 from arrayquant.trees import (
     LeafReport,
     Rule,
@@ -73,7 +75,9 @@ __all__ = [
     "MSESearch",
     "MinMax",
     "Percentile",
+    "LayerStats",
     "LeafReport",
+    "LinearWeight",
     "QArray",
     "QType",
     "Rule",

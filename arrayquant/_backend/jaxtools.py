@@ -1,8 +1,9 @@
 """JAX-specific glue, imported only once JAX itself is imported.
 
-- registers :class:`arrayquant.QArray` as a pytree (array fields are children,
-  the rest is static metadata), so it passes through ``jax.jit``, ``jax.vmap``
-  and ``jax.tree_util``;
+- registers :class:`arrayquant.QArray`, :class:`arrayquant.LinearWeight` and
+  :class:`arrayquant.LayerStats` as pytrees (array fields are children, the rest
+  is static metadata), so they pass through ``jax.jit``, ``jax.vmap`` and
+  ``jax.tree_util``;
 - tells tracers from concrete arrays, so eager-only checks can be skipped
   under ``jit``;
 - a checkify-compatible finiteness check.
@@ -27,23 +28,24 @@ def register_pytrees() -> None:
         return
     import jax
 
+    from arrayquant.linear_weight import LinearWeight
     from arrayquant.qarray import QArray
+    from arrayquant.stats.layer import LayerStats
 
     _registered = True
+    for cls in (QArray, LinearWeight, LayerStats):
+        _register(jax, cls)
+
+
+def _register(jax, cls) -> None:
+    """Array fields (``cls._children``) are children; ``obj._static()`` is the aux data."""
+    names = cls._children
     jax.tree_util.register_pytree_with_keys(
-        QArray,
-        lambda qa: (
-            tuple(
-                (jax.tree_util.GetAttrKey(name), getattr(qa, name))
-                for name in QArray._children
-            ),
-            qa._static(),
-        ),
-        lambda static, children: QArray._from_parts(static, children),
-        flatten_func=lambda qa: (
-            tuple(getattr(qa, name) for name in QArray._children),
-            qa._static(),
-        ),
+        cls,
+        lambda o: (tuple((jax.tree_util.GetAttrKey(n), getattr(o, n)) for n in names),
+                   o._static()),
+        cls._from_parts,
+        flatten_func=lambda o: (tuple(getattr(o, n) for n in names), o._static()),
     )
 
 

@@ -71,6 +71,7 @@ from arrayquant.affine.params import (
 )
 from arrayquant.affine.search import HQQ, MSESearch
 from arrayquant.blocking import Blocking, from_view, plan, plan_from_scale, to_view
+from arrayquant.linear_weight import LinearWeight, weight_from_stored
 from arrayquant.qarray import QArray, check_fits, check_integer_codes
 from arrayquant.qtypes import QType, as_qtype
 
@@ -386,6 +387,7 @@ def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, nb: int,
 
 def dequantize(qa: QArray, dtype=None):
     """``scale * (codes - zero_point)`` of a :class:`QArray`, in its original dtype.
+    A :class:`~arrayquant.LinearWeight` gives the weight it represents.
 
     Packed codes are unpacked on the fly. ``dtype`` overrides the output dtype.
     Values beyond the output dtype's largest finite value saturate to it
@@ -394,6 +396,8 @@ def dequantize(qa: QArray, dtype=None):
     Raises:
         TypeError: ``qa`` is not a QArray.
     """
+    if isinstance(qa, LinearWeight):
+        return weight_from_stored(dequantize(qa.qweight, dtype), qa, namespace(qa.qweight.scale))
     if not isinstance(qa, QArray):
         raise TypeError(
             f"dequantize expects an arrayquant.QArray, got {type(qa).__name__}; "
