@@ -14,19 +14,42 @@ from arrayquant.affine.params import params_from_range
 from arrayquant.affine.search import HQQ, MSESearch
 from arrayquant.blocking import Blocking
 
-__all__ = ["METHOD_NAMES", "as_method", "calibrate"]
+__all__ = ["METHOD_NAMES", "as_method", "calibrate", "is_data_aware"]
 
 METHOD_NAMES = {"minmax": MinMax, "percentile": Percentile, "mse": MSESearch, "hqq": HQQ}
 
 
-def as_method(method):
+def is_data_aware(method) -> bool:
+    """A data-aware weight method (GPTQ, AWQ, ...): it needs activation statistics.
+
+    The protocol: a frozen dataclass with ``needs_stats = True`` and
+    ``quantize_weight(w, stats, *, dtype, symmetric, axis, group_size, group_axis,
+    scale_dtype)`` returning a QArray or a LinearWeight.
+    """
+    return getattr(method, "needs_stats", False) is True and callable(
+        getattr(method, "quantize_weight", None))
+
+
+def as_method(method, *, data_aware: bool = False):
     """A calibration method from ``method=``: an instance, a name, or None (MinMax).
 
+    ``data_aware=True`` (rules of :func:`arrayquant.quantize_tree`) also accepts
+    data-aware weight methods (:func:`is_data_aware`).
+
     Raises:
-        ValueError: an unknown name or an object that is not a method.
+        ValueError: an unknown name or an object that is not a method; a
+            data-aware method where only per-block methods work.
     """
     if method is None:
         return MinMax()
+    if is_data_aware(method):
+        if not data_aware:
+            raise ValueError(
+                f"method={method!r} is a data-aware method: it needs activation statistics. "
+                "Use it in a rule, aq.quantize_tree(params, aq.Rule(..., method=...), "
+                "stats=aq.collect_stats(...)), or call its function with the statistics")
+        _check_hashable(method)
+        return method
     if isinstance(method, str):
         cls = METHOD_NAMES.get(method.lower())
         if cls is not None:
@@ -34,18 +57,22 @@ def as_method(method):
     elif isinstance(method, type) and method in METHOD_NAMES.values():
         return method()
     elif getattr(method, "output", None) in ("range", "params") and callable(method):
-        try:
-            hash(method)
-        except TypeError:
-            raise ValueError(
-                f"method={method!r} is not hashable; a calibration method must be a frozen "
-                "dataclass (it is static configuration under jax.jit)") from None
+        _check_hashable(method)
         return method
     raise ValueError(
         f"method={method!r} is not a calibration method; expected one of "
         f"{', '.join(repr(n) for n in METHOD_NAMES)}, or an instance such as "
         "arrayquant.Percentile(99.9), arrayquant.MSESearch(grid=20), arrayquant.HQQ()"
     )
+
+
+def _check_hashable(method) -> None:
+    try:
+        hash(method)
+    except TypeError:
+        raise ValueError(
+            f"method={method!r} is not hashable; a calibration method must be a frozen "
+            "dataclass (it is static configuration under jax.jit)") from None
 
 
 def calibrate(method, xv, b: Blocking, qt, symmetric: bool, sdt, cdt, xp):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-from arrayquant.affine import quantize
+from arrayquant.affine import quantize, quantize_with
 from arrayquant.products.arrays import check_float, expand
 from arrayquant.products.plan import ActPlan
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import as_qtype
 
-__all__ = ["quantize_activations", "act_rows"]
+__all__ = ["quantize_activations", "act_rows", "static_act_rows"]
 
 
 def quantize_activations(x, dtype="int8", symmetric: bool = True, *, scale_dtype="float32"):
@@ -77,3 +77,22 @@ def act_rows(qx: QArray, k: int, xp) -> ActPlan:
 
     codes = xp.reshape(qx.codes, (m, k))
     return ActPlan(codes, rows(qx.scale), rows(qx.zero_point), as_qtype(qx.qtype), qx.dtype)
+
+
+def static_act_rows(x2, lw, xp) -> ActPlan:
+    """``x2`` (m, k) quantized with a :class:`~arrayquant.LinearWeight`'s static parameters.
+
+    One calibrated scale and zero point for the whole tensor (``lw.act_scale``,
+    ``lw.act_zero_point``, ``lw.act_qtype``), repeated for every row.
+    """
+    qt = as_qtype(lw.act_qtype)
+    m = x2.shape[0]
+    # quantize_with rejects empty arrays: an empty x quantizes one zero row, kept as none.
+    src = x2 if m else xp.zeros((1, x2.shape[1]), dtype=x2.dtype)
+    codes = quantize_with(src, lw.act_scale, lw.act_zero_point, qt.name)[:m, ...]
+    z = lw.act_zero_point
+    return ActPlan(
+        codes,
+        xp.broadcast_to(xp.reshape(lw.act_scale, (1, 1)), (m, 1)),
+        None if z is None else xp.broadcast_to(xp.reshape(z, (1, 1)), (m, 1)),
+        qt, str(x2.dtype))

@@ -13,7 +13,8 @@ from dataclasses import replace
 from arrayquant._backend import compute_dtype
 from arrayquant._backend import namespace as _namespace
 from arrayquant.affine import dequantize
-from arrayquant.products.activations import act_rows, quantize_activations
+from arrayquant.linear_weight import LinearWeight, transform_input
+from arrayquant.products.activations import act_rows, quantize_activations, static_act_rows
 from arrayquant.products.arrays import check_float, out_dtype
 from arrayquant.products.integer import integer_product
 from arrayquant.products.plan import FORMULATIONS, INTEGER, INTEGER_KIND, TABLE, weight_plan
@@ -25,6 +26,18 @@ __all__ = ["linear", "matmul"]
 
 
 def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
+    lw = None
+    if isinstance(w, LinearWeight):
+        lw, w = w, w.qweight
+        if lw.in_axis != (0 if kn else 1):
+            raise ValueError(
+                f"w is a LinearWeight with in_axis={lw.in_axis} ("
+                + ("(out, in)" if lw.in_axis == 1 else "(in, out)") + " layout); "
+                + ("matmul takes (in, out) weights (in_axis=0): use linear"
+                   if kn else "linear takes (out, in) weights (in_axis=1): use matmul"))
+        if isinstance(x, QArray):
+            raise ValueError("x is quantized, but w is a LinearWeight, whose in_scale / perm "
+                             "apply to float activations: pass a float x")
     x_is_q = isinstance(x, QArray)
     w_is_q = isinstance(w, QArray)
     if not x_is_q:
@@ -75,6 +88,11 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
     lead = x_shape[:-1]
     m = math.prod(lead)
     act = None
+    if lw is not None:
+        x = transform_input(x, lw, xp)
+        if act_dtype is None and lw.act_qtype is not None:
+            act = static_act_rows(xp.reshape(x, (m, k)), lw, xp)
+            x_is_q = True
     if act_dtype is not None:
         act_qt = as_qtype(act_dtype)
         if m:

@@ -48,14 +48,14 @@ from typing import Any
 
 from arrayquant._backend import is_float_dtype
 from arrayquant.affine.calibrate import DEFAULT_METHOD
-from arrayquant.affine.methods import as_method
-from arrayquant.qarray import QArray
+from arrayquant.affine.methods import as_method, is_data_aware
 from arrayquant.qtypes import as_qtype
 
 # The tree API is one namespace for users and for the checkpoint code and CLI.
 from arrayquant.trees.paths import flatten_tree as flatten_tree
 from arrayquant.trees.paths import is_array as is_array
 from arrayquant.trees.paths import is_leaf as is_leaf
+from arrayquant.trees.paths import is_quantized as is_quantized
 from arrayquant.trees.paths import jax_tree_util as jax_tree_util
 from arrayquant.trees.paths import map_leaves as map_leaves
 from arrayquant.trees.paths import tree_paths as tree_paths
@@ -161,9 +161,13 @@ class Rule:
         if isinstance(self.axis, list):
             object.__setattr__(self, "axis", tuple(self.axis))
         try:
-            object.__setattr__(self, "method", as_method(self.method))
+            object.__setattr__(self, "method", as_method(self.method, data_aware=True))
         except ValueError as e:
             raise ValueError(f"Rule: {e}") from None
+        if is_data_aware(self.method) and self.batch_axes:
+            raise ValueError(f"Rule: the data-aware method {self.method!r} quantizes one 2-D "
+                             f"weight with its statistics; batch_axes={self.batch_axes} "
+                             "(stacked layers) is not supported with it")
         if self.dtype is None:
             return
         qt = as_qtype(self.dtype)
@@ -198,12 +202,30 @@ class Rule:
             return False
         return self._exclude_re is None or self._exclude_re.search(path) is None
 
-    def quantize(self, x) -> QArray:
-        """``arrayquant.quantize`` with this rule's settings (``dtype`` must not be None)."""
+    def quantize(self, x, stats=None):
+        """``arrayquant.quantize`` with this rule's settings (``dtype`` must not be None).
+
+        A data-aware ``method`` (GPTQ, AWQ, ...) quantizes with ``stats``, the
+        :class:`~arrayquant.LayerStats` of the leaf's input, and may return a
+        :class:`~arrayquant.LinearWeight`.
+        """
         from arrayquant.affine import quantize
 
         if self.dtype is None:
             raise ValueError("this rule keeps leaves in float (dtype=None); nothing to quantize")
+        if is_data_aware(self.method):
+            if stats is None:
+                raise ValueError(
+                    f"the data-aware method {self.method!r} needs this leaf's activation "
+                    "statistics, and none were given for it: pass stats={path: LayerStats} "
+                    "(aq.collect_stats) to quantize_tree, keyed by the weight's path")
+            return self.method.quantize_weight(
+                x, stats, dtype=self.dtype, symmetric=self.symmetric, axis=self.axis,
+                group_size=self.group_size, group_axis=self.group_axis,
+                scale_dtype=self.scale_dtype)
+        if stats is not None:
+            raise ValueError(f"statistics were given for a leaf that {self.method!r} quantizes "
+                             "without data; only data-aware methods use them")
         return quantize(
             x, self.dtype, self.symmetric, self.axis, self.group_size, self.group_axis,
             scale_dtype=self.scale_dtype, method=self.method, batch_axes=self.batch_axes,
@@ -228,9 +250,9 @@ def select_rule(rules: tuple[Rule, ...], path: str, shape, dtype) -> Rule | None
     return None
 
 
-def quantize_leaf(rule: Rule, path: str, x) -> QArray:
+def quantize_leaf(rule: Rule, path: str, x, stats=None):
     try:
-        return rule.quantize(x)
+        return rule.quantize(x, stats)
     except (ValueError, TypeError) as e:
         raise type(e)(f"cannot quantize {path!r} of shape {tuple(x.shape)} with {rule!r}: {e}") \
             from e
@@ -239,7 +261,7 @@ def quantize_leaf(rule: Rule, path: str, x) -> QArray:
 # --------------------------------------------------------------------------- public API
 
 
-def quantize_tree(tree, rules: Rule | Iterable[Rule]):
+def quantize_tree(tree, rules: Rule | Iterable[Rule], *, stats=None):
     """The same tree with the leaves selected by ``rules`` replaced by :class:`QArray` s.
 
     For every floating-point array leaf, the first rule that matches its path and
@@ -249,10 +271,18 @@ def quantize_tree(tree, rules: Rule | Iterable[Rule]):
     are (the same objects). Works on NumPy, JAX (also inside ``jax.jit``) and any
     array API library.
 
+    Rules with a data-aware ``method`` (GPTQ, AWQ, SmoothQuant) quantize a leaf
+    with its entry of ``stats``, a mapping from weight paths to
+    :class:`~arrayquant.LayerStats` (as :func:`arrayquant.collect_stats`
+    records them); such a leaf may become a :class:`~arrayquant.LinearWeight`.
+
     Raises:
         TypeError: ``rules`` holds something other than :class:`Rule` objects.
         ValueError, TypeError: quantizing a selected leaf failed (an axis out of
-            range for it, NaN or inf values...); the message names its path.
+            range for it, NaN or inf values, no statistics for a data-aware
+            rule...); the message names its path. ``stats`` names a path that
+            is not an array leaf of ``tree`` (statistics recorded on another
+            tree would otherwise be silently unused).
 
     Example:
         >>> import numpy as np, arrayquant as aq
@@ -261,6 +291,14 @@ def quantize_tree(tree, rules: Rule | Iterable[Rule]):
         ('int4', (4, 8))
     """
     rules = as_rules(rules)
+    stats = {} if stats is None else dict(stats)
+    if stats:
+        unknown = sorted(set(stats) - {p for p, leaf in flatten_tree(tree) if is_array(leaf)})
+        if unknown:
+            raise ValueError(
+                f"stats has entries for {len(unknown)} path(s) that are not float array leaves "
+                f"of the tree, e.g. {unknown[:3]}; statistics are keyed by the weight leaf's "
+                "path (aq.tree_paths(tree))")
 
     def fn(path, leaf):
         if not is_array(leaf):
@@ -268,13 +306,16 @@ def quantize_tree(tree, rules: Rule | Iterable[Rule]):
         rule = select_rule(rules, path, leaf.shape, leaf.dtype)
         if rule is None or rule.dtype is None:
             return leaf
-        return quantize_leaf(rule, path, leaf)
+        return quantize_leaf(rule, path, leaf,
+                             stats.get(path) if is_data_aware(rule.method) else None)
 
     return map_leaves(fn, tree, ())
 
 
 def dequantize_tree(tree, dtype=None):
-    """The same tree with every :class:`QArray` leaf replaced by ``arrayquant.dequantize(leaf)``.
+    """The same tree with every quantized leaf replaced by ``arrayquant.dequantize(leaf)``.
+
+    Quantized leaves are :class:`QArray` s and :class:`~arrayquant.LinearWeight` s.
 
     The inverse of :func:`quantize_tree` up to quantization error. Other leaves
     are returned as they are. ``dtype`` overrides the output dtype of every
@@ -287,8 +328,7 @@ def dequantize_tree(tree, dtype=None):
     from arrayquant.affine import dequantize
 
     return map_leaves(
-        lambda _path, leaf: dequantize(leaf, dtype) if isinstance(leaf, QArray) else leaf, tree, ()
-    )
+        lambda _path, leaf: dequantize(leaf, dtype) if is_quantized(leaf) else leaf, tree, ())
 
 
 
@@ -310,7 +350,7 @@ def cast_floats(tree, dtype):
     from arrayquant._backend import float_dtype, namespace
 
     def cast(_path, leaf):
-        if isinstance(leaf, QArray) or not is_array(leaf) or not is_float_dtype(leaf.dtype):
+        if not is_array(leaf) or not is_float_dtype(leaf.dtype):
             return leaf
         xp = namespace(leaf)
         return xp.astype(leaf, float_dtype(xp, dtype))

@@ -10,17 +10,23 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.qarray import QArray
 
 # --------------------------------------------------------------------------- walking trees
 
 
+def is_quantized(x) -> bool:
+    """A :class:`QArray` or a :class:`LinearWeight`: a quantized leaf."""
+    return isinstance(x, (QArray, LinearWeight))
+
+
 def is_array(x) -> bool:
-    return not isinstance(x, QArray) and hasattr(x, "shape") and hasattr(x, "dtype")
+    return not is_quantized(x) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def is_leaf(x) -> bool:
-    return isinstance(x, QArray) or is_array(x)
+    return is_quantized(x) or is_array(x)
 
 
 def jax_tree_util():

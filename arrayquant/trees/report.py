@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 
 from arrayquant._backend import dtype_name
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.qarray import QArray, check_integer_codes, storage_nbytes
 from arrayquant.qtypes import as_qtype
-from arrayquant.trees.paths import flatten_tree, is_leaf
+from arrayquant.trees.paths import flatten_tree, is_leaf, is_quantized
 
 # --------------------------------------------------------------------------- report
 
@@ -103,12 +104,21 @@ def _sqnr(x, qa: QArray) -> float:
 
 def leaf_report(path: str, original, new) -> LeafReport:
     shape = tuple(int(n) for n in original.shape)
-    if isinstance(original, QArray):  # already quantized before: nothing to compare with
-        shape = original.batch_shape + shape
-        return LeafReport(path, shape, original.dtype, original.qtype, original.granularity,
-                          original.symmetric, original.nbytes,
-                          new.nbytes if isinstance(new, QArray) else storage_nbytes(new), None)
+    if is_quantized(original):  # already quantized before: nothing to compare with
+        oq = original.qweight if isinstance(original, LinearWeight) else original
+        shape = oq.batch_shape + shape
+        return LeafReport(path, shape, original.dtype, original.qtype, oq.granularity,
+                          oq.symmetric, original.nbytes,
+                          new.nbytes if is_quantized(new) else storage_nbytes(new), None)
     before = storage_nbytes(original)
+    if isinstance(new, LinearWeight):
+        from arrayquant.metrics import sqnr_db
+
+        check_integer_codes(new.qweight)
+        return LeafReport(
+            path, shape, dtype_name(original.dtype), new.qtype, new.qweight.granularity,
+            new.qweight.symmetric, before, new.nbytes,
+            float(sqnr_db(original, new.dequantize(dtype_name(original.dtype)))))
     if isinstance(new, QArray):
         check_integer_codes(new)
         return LeafReport(
