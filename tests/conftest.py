@@ -156,7 +156,7 @@ def xp(backend):
 def _is_dynamic(a) -> bool:
     import jax
 
-    return isinstance(a, (jax.Array, aq.QArray))
+    return isinstance(a, (jax.Array, aq.QArray, aq.LinearWeight, aq.LayerStats))
 
 
 def jit_call(f):
