@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.packing import packed_length
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import as_qtype
@@ -37,6 +38,9 @@ def sharding_like(qa: QArray, sharding):
       axis of a per-channel scale (one entry for the whole axis).
 
     Any other sharding (one device, fully replicated) is used for every array.
+    For a :class:`~arrayquant.LinearWeight` the codes are placed as above and its
+    input state (``in_scale``, ``perm``, static activation parameters) is
+    replicated.
 
     Raises:
         TypeError: ``qa`` is not a QArray.
@@ -45,8 +49,16 @@ def sharding_like(qa: QArray, sharding):
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
+    if isinstance(qa, LinearWeight):
+        # The input state is small, and perm gathers across the whole input axis: replicated.
+        rep = (NamedSharding(sharding.mesh, PartitionSpec())
+               if isinstance(sharding, NamedSharding) else sharding)
+        return LinearWeight._from_parts(qa._static(), (
+            sharding_like(qa.qweight, sharding),
+            *(None if getattr(qa, n) is None else rep for n in LinearWeight._children[1:])))
     if not isinstance(qa, QArray):
-        raise TypeError(f"sharding_like expects a QArray, got {type(qa).__name__}")
+        raise TypeError(f"sharding_like expects a QArray or LinearWeight, got "
+                        f"{type(qa).__name__}")
     if not isinstance(sharding, NamedSharding):
         return QArray._from_parts(qa._static(), (sharding, sharding,
                                                  None if qa.zero_point is None else sharding))
