@@ -198,3 +198,19 @@ def test_quantize_tree_with_a_data_aware_method():
         aq.quantize(params["a"]["weight"], "int4", method=_ScaleHalf())
     with pytest.raises(ValueError, match="batch_axes"):
         aq.Rule(dtype="int4", method=_ScaleHalf(), batch_axes=1)
+
+
+def test_sharding_like_replicates_the_input_state():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    w, s, perm = _parts()
+    lw = _make(_np_backend(), w, s, perm)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    sh = aq.sharding_like(lw, NamedSharding(mesh, PartitionSpec("x", None)))
+    assert sh.qweight.data.spec == PartitionSpec("x", None)
+    assert sh.in_scale.spec == PartitionSpec() and sh.perm.spec == PartitionSpec()
+    assert sh.act_scale is None
+    out = jax.device_put(jax.tree.map(jnp.asarray, lw), sh)
+    np.testing.assert_array_equal(np.asarray(aq.dequantize(out)), aq.dequantize(lw))
