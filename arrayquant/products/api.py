@@ -151,6 +151,12 @@ def linear(x, w, bias=None, *, act_dtype=None, act_symmetric: bool = True,
       With a float ``w``, ``x`` is quantized and dequantized before a float
       product (simulated activation quantization).
     - ``x`` a QArray with one scale per row: its codes are used as they are.
+    - ``w`` a :class:`~arrayquant.LinearWeight` (AWQ, SmoothQuant, GPTQ with
+      act-order): ``x``'s features are gathered by its ``perm`` and multiplied
+      by its ``in_scale`` first; with static activation parameters and
+      ``act_dtype=None``, that ``x`` is quantized with them (one scale for the
+      tensor) and the integer product runs; an explicit ``act_dtype`` uses
+      dynamic per-token scales instead.
 
     To make a model use W8A8 everywhere: ``functools.partial(aq.linear,
     act_dtype="int8")``.
