@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 import arrayquant as aq
 from arrayquant.checkpoint import FORMAT_VERSION, CheckpointError
 from arrayquant.checkpoint.stfile import StreamWriter, digest
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.qtypes import QTYPE_NAMES
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -30,22 +31,28 @@ def _f32(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
+def _assert_array_equal(x, y):
+    if x is None:
+        assert y is None
+    else:
+        x = np.asarray(x)
+        assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
+        np.testing.assert_array_equal(y, x)
+
+
 def assert_leaf_equal(a, b):
-    if isinstance(a, aq.QArray):
+    if isinstance(a, LinearWeight):
+        assert isinstance(b, LinearWeight) and a._static() == b._static()
+        assert_leaf_equal(a.qweight, b.qweight)
+        for name in ("in_scale", "perm", "act_scale", "act_zero_point"):
+            _assert_array_equal(getattr(a, name), getattr(b, name))
+    elif isinstance(a, aq.QArray):
         assert isinstance(b, aq.QArray)
         assert a._static() == b._static()
         for name in ("data", "scale", "zero_point"):
-            x, y = getattr(a, name), getattr(b, name)
-            if x is None:
-                assert y is None
-            else:
-                x = np.asarray(x)
-                assert isinstance(y, np.ndarray) and y.dtype == x.dtype and y.shape == x.shape
-                np.testing.assert_array_equal(y, x)
+            _assert_array_equal(getattr(a, name), getattr(b, name))
     else:
-        a = np.asarray(a)
-        assert isinstance(b, np.ndarray) and b.dtype == a.dtype and b.shape == a.shape
-        np.testing.assert_array_equal(b, a)
+        _assert_array_equal(a, b)
 
 
 def assert_tree_equal(a, b):
@@ -385,7 +392,8 @@ CORRUPTIONS = {
     "bad JSON": (dict(edit_header=_set_meta("arrayquant", "{not json")), "not valid JSON"),
     "not an object": (dict(edit_header=_set_meta("arrayquant", "[1, 2]")), "JSON object"),
     "newer version": (dict(edit_doc=lambda d: d.update(version=FORMAT_VERSION + 1)),
-                      "format version 3; this arrayquant reads versions 1, 2"),
+                      f"format version {FORMAT_VERSION + 1}; this arrayquant reads versions "
+                      "1, 2, 3"),
     "bad version": (dict(edit_doc=lambda d: d.update(version="1")), "'version' must be"),
     "leaves not a list": (dict(edit_doc=lambda d: d.update(leaves={})), "'leaves' must be"),
     "leaf not an object": (dict(edit_doc=lambda d: d["leaves"].append(3)), "leaf #7"),
@@ -479,11 +487,12 @@ CORRUPTIONS = {
                     "'flags' is boolean but holds bytes other than 0 and 1"),
     "NaN literal": (dict(edit_header=lambda h: h["__metadata__"].update(
                         arrayquant=h["__metadata__"]["arrayquant"].replace(
-                            '"version":2', '"version":NaN')), resign=False),
+                            f'"version":{FORMAT_VERSION}', '"version":NaN')), resign=False),
                     "NaN is not a JSON number"),
     "JSON duplicate key": (dict(edit_header=lambda h: h["__metadata__"].update(
                                arrayquant=h["__metadata__"]["arrayquant"].replace(
-                                   '"version":2', '"version":2,"version":2')), resign=False),
+                                   f'"version":{FORMAT_VERSION}',
+                                   f'"version":{FORMAT_VERSION},"version":2')), resign=False),
                            "the key 'version' appears twice"),
     "deep nesting": (dict(edit_header=lambda h: h["__metadata__"].update(
                          arrayquant='{"version": 2, "x": ' + "[" * 1000 + "]" * 1000 + "}"),

@@ -35,6 +35,7 @@ import pytest
 
 import arrayquant as aq
 from arrayquant.checkpoint import CheckpointError
+from arrayquant.linear_weight import LinearWeight
 from tests.test_checkpoint import _resign, assert_tree_equal
 
 CASES = int(os.environ.get("ARRAYQUANT_FUZZ_CASES", "150"))
@@ -53,6 +54,10 @@ def _tree():
         "u2": aq.quantize(f32(2, 7), "uint2", axis=0, scale_dtype="float16"),
         "layers": [{"b": f32(3), "mask": np.array([True, False, True])}, None],
         "pair": (np.arange(4, dtype=np.int16), f32(2).astype(np.float64)),
+        # Every LinearWeight field: in_scale, perm, static asymmetric activations.
+        "lw": LinearWeight(aq.quantize(f32(3, 4), "int4", group_size=2), f32(4) ** 2 + 0.5,
+                           np.array([2, 0, 3, 1], np.int32), np.asarray(0.1, np.float32),
+                           np.asarray(-3, np.int8), in_axis=1, act_qtype="int8"),
     }
 
 
@@ -121,7 +126,8 @@ def _damage(raw: bytes, rng) -> bytes:
 # ------------------------------------------------------------------ hostile edits
 
 _VALUES = [None, True, 0, 1, 2, -1, 7, 128, 2**40, 1.5, "", "int4", "uint8", "float32",
-           "w8", "w8:data", [], [1], [0, 0], [1, 2, 3], {}, {"type": "none"},
+           "w8", "w8:data", "lw:perm", "lw:act_zero_point", [], [1], [0, 0], [1, 2, 3], {},
+           {"type": "none"},
            {"type": "leaf", "path": "w8"}]
 
 
@@ -197,7 +203,7 @@ def _assert_savable(tree, tmp_path) -> None:
     aq.save(again, tree)
     assert_tree_equal(tree, aq.load(again))
     for leaf in _leaves(tree):
-        if isinstance(leaf, aq.QArray):
+        if isinstance(leaf, (aq.QArray, LinearWeight)):
             assert np.all(np.isfinite(aq.dequantize(leaf)))
 
 

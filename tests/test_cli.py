@@ -204,7 +204,7 @@ def test_inspect_quantized_plain_and_npz(capsys, ckpt, tmp_path):
     capsys.readouterr()
     code, stdout, _ = run(capsys, "inspect", str(out), "--verify")
     assert code == 0
-    assert "arrayquant checkpoint (format version 2)" in stdout
+    assert "arrayquant checkpoint (format version 3)" in stdout
     assert "integrity:   sha256 digest of every tensor and of the metadata" in stdout
     assert "int4 per-group(16, axis=1) sym packed(axis=1)" in stdout
     assert "quantized:   3 of 5 leaves (int4)" in stdout and "verified" in stdout

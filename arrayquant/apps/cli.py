@@ -1,10 +1,11 @@
-"""The ``arrayquant`` command: quantize a checkpoint, inspect one, run the MiniLM demo.
+"""The ``arrayquant`` command: quantize, inspect or upgrade a checkpoint, run the MiniLM demo.
 
 ::
 
     arrayquant quantize IN -o OUT [--dtype int4] [--group-size 128] [--symmetric] [--method mse]
                                   [--exclude REGEX]... [--include REGEX]
     arrayquant inspect FILE [--verify] [--limit N]
+    arrayquant upgrade FILE [-o OUT]
     arrayquant demo [--backend auto|jax|numpy] [--repeats N]
 
 Exit status: 0 on success, 2 on a usage error (argparse prints the usage), 1 on
@@ -98,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--limit", type=_non_negative_int, default=None, metavar="N",
                    help="show at most N tensors (default: all)")
 
+    u = sub.add_parser(
+        "upgrade",
+        help="rewrite an older arrayquant checkpoint in the current format version",
+        description="Validate FILE as load() does and rewrite it in the current checkpoint "
+                    "format version (adding the SHA-256 digests that version-1 files lack), "
+                    "keeping every leaf and tensor; atomically, in place unless -o is given.",
+    )
+    u.add_argument("file", metavar="FILE")
+    u.add_argument("-o", "--output", metavar="OUT",
+                   help="write the upgraded file here instead of replacing FILE")
+
     d = sub.add_parser(
         "demo",
         help="quantize all-MiniLM-L6-v2 (W8A16, W4A16, W8A8) and compare its embeddings",
@@ -189,6 +201,7 @@ def _cmd_inspect(args) -> int:
             stored = "-" if not leaf.quantized else (
                 f"{leaf.qtype} {leaf.granularity} {'sym' if leaf.symmetric else 'asym'}"
                 + (f" packed(axis={leaf.packed_axis})" if leaf.packed_axis is not None else "")
+                + _state_text(leaf)
             )
             body.append((leaf.path, "x".join(map(str, leaf.batch_shape + leaf.shape)) or "()",
                          leaf.dtype, stored,
@@ -210,7 +223,8 @@ def _cmd_inspect(args) -> int:
     if info.kind == "arrayquant":
         print("integrity:   " + ("sha256 digest of every tensor and of the metadata"
                                  if info.integrity else
-                                 f"none (format version {info.version} stores no digests)"))
+                                 f"none (format version {info.version} stores no digests; "
+                                 "'arrayquant upgrade FILE' adds them)"))
     if args.verify:
         if info.kind == "npz":
             raise ValueError("--verify reads safetensors files; .npz files have no quantized "
@@ -218,6 +232,33 @@ def _cmd_inspect(args) -> int:
         load(args.file)
         print("verified:    every tensor read and validated"
               + (", digests match" if info.integrity else ""))
+    return 0
+
+
+def _state_text(leaf) -> str:
+    """A LinearWeight's input state, e.g. `` +in_scale +perm, static int8 asym activations``."""
+    if leaf.in_axis is None:
+        return ""
+    text = "".join(f" +{r}" for r in ("in_scale", "perm") if r in leaf.state)
+    if leaf.act_qtype is not None:
+        sym = "asym" if "act_zero_point" in leaf.state else "sym"
+        text += f", static {leaf.act_qtype} {sym} activations"
+    return f" (in_axis={leaf.in_axis}){text}"
+
+
+def _cmd_upgrade(args) -> int:
+    from arrayquant.checkpoint import FORMAT_VERSION, upgrade_checkpoint
+
+    if args.output is not None:
+        check_output_path(args.output)
+    version = upgrade_checkpoint(args.file, args.output)
+    target = args.file if args.output is None else args.output
+    if version == FORMAT_VERSION:
+        print(f"{args.file}: already format version {version}; validated"
+              + ("" if args.output is None else f", copied to {target}"))
+    else:
+        print(f"wrote {target}: format version {version} -> {FORMAT_VERSION} (validated; every "
+              "leaf and tensor kept, with SHA-256 digests)")
     return 0
 
 
@@ -242,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    command = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "demo": _cmd_demo}
+    command = {"quantize": _cmd_quantize, "inspect": _cmd_inspect, "upgrade": _cmd_upgrade,
+               "demo": _cmd_demo}
     try:
         return command[args.command](args)
     except KeyboardInterrupt:

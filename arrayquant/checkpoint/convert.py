@@ -10,6 +10,7 @@ import numpy as np
 
 from arrayquant._backend import is_float_dtype
 from arrayquant._io import check_input_file
+from arrayquant.affine.methods import is_data_aware
 from arrayquant.blocking import plan
 from arrayquant.checkpoint.document import is_arrayquant
 from arrayquant.checkpoint.loading import npz_headers, open_safetensors, read_header, read_tensor
@@ -77,6 +78,11 @@ def _plan_leaf(name: str, dtype: str, shape, rules) -> tuple[Rule | None, list, 
     rule = select_rule(rules, name, shape, dtype)
     if rule is None or rule.dtype is None or not is_float_dtype(dtype):
         return None, [(name, dtype, shape)], {"path": name, "kind": "array", "tensor": name}
+    if is_data_aware(rule.method):
+        raise ValueError(
+            f"cannot quantize {name!r} with {rule!r}: quantize_checkpoint reads no calibration "
+            "data, and a data-aware method needs the layer's activation statistics; use "
+            "save(path, quantize_tree(load(in_path), rules, stats=...)) instead")
     qt = as_qtype(rule.dtype)
     try:
         b = plan(tuple(shape), rule.axis, rule.group_size, rule.group_axis)

@@ -80,7 +80,7 @@ def _check_skeleton(file, node, prefix: tuple[str, ...], paths: set[str], seen: 
 
 
 def _check_digests(file, doc: dict, tensors) -> dict[str, str]:
-    """The tensors' digests of a version-2 document, after checking its own."""
+    """The tensors' digests of a version-2 (or later) document, after checking its own."""
     where = "metadata field 'digests'"
     d = doc["digests"]
     if not isinstance(d, dict):
@@ -110,7 +110,11 @@ def is_arrayquant(meta: dict) -> bool:
 
 
 def parse_document(file, tensors, meta) -> tuple[int, list[LeafInfo], Any, dict[str, str] | None]:
-    """(version, leaves, tree skeleton, tensor digests or None for version 1)."""
+    """(version, leaves, tree skeleton, tensor digests or None for version 1).
+
+    Versions 2 and 3 differ only in the leaf kinds they may hold (``linear_weight``
+    is new in 3); version 1 has no digests and no ``format`` mark.
+    """
     if META_KEY not in meta:
         fail(file, f"the safetensors metadata says format {META_KEY!r} but has no "
                    f"{META_KEY!r} entry: the header was changed or damaged")
@@ -144,7 +148,8 @@ def parse_body(file, doc: dict, tensors) -> tuple[list[LeafInfo], Any]:
     entries = doc.get("leaves")
     if not isinstance(entries, list):
         fail(file, "metadata field 'leaves' must be a list")
-    leaves = [parse_leaf(file, i, e, tensors) for i, e in enumerate(entries)]
+    version = doc.get("version")
+    leaves = [parse_leaf(file, i, e, tensors, version) for i, e in enumerate(entries)]
     owner: dict[str, str] = {}
     paths: set[str] = set()
     for leaf in leaves:

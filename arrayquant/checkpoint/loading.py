@@ -14,7 +14,7 @@ import numpy as np
 
 from arrayquant._io import check_input_file
 from arrayquant.checkpoint.document import is_arrayquant, parse_document
-from arrayquant.checkpoint.schema import LeafInfo, fail, plain_leaves
+from arrayquant.checkpoint.schema import STATE_ROLES, LeafInfo, fail, plain_leaves
 from arrayquant.checkpoint.stfile import (
     NAME_TO_ST,
     CheckpointError,
@@ -22,13 +22,14 @@ from arrayquant.checkpoint.stfile import (
     np_dtype,
     read_raw_header,
 )
-from arrayquant.checkpoint.values import qarray_problem
+from arrayquant.checkpoint.values import linear_state_problem, qarray_problem
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.qarray import QArray
 from arrayquant.trees import is_leaf, map_leaves
 
 __all__ = [
-    "CheckpointInfo", "checkpoint_info", "load", "npz_headers", "open_safetensors",
-    "read_header", "read_tensor",
+    "CheckpointInfo", "checkpoint_info", "leaf_from_tensors", "load", "npz_headers",
+    "open_safetensors", "read_header", "read_tensor",
 ]
 
 
@@ -118,7 +119,7 @@ class CheckpointInfo:
     leaves: tuple[LeafInfo, ...]
     file_size: int
     #: "sha256" when the file stores a digest of every tensor and of its metadata
-    #: (format version 2), else None.
+    #: (format version 2 and later), else None.
     integrity: str | None = None
 
 
@@ -208,6 +209,26 @@ def _load_qarray(file, leaf: LeafInfo, data, scale, zp=None) -> QArray:
         fail(file, f"leaf {leaf.path!r}: {e}")
 
 
+def leaf_from_tensors(file, leaf: LeafInfo, arrays: dict[str, np.ndarray]):
+    """The array, QArray or LinearWeight ``leaf`` describes, from its tensors ``{name: array}``,
+    after the value checks (codes, zero points, scales, a LinearWeight's state)."""
+    if not leaf.quantized:
+        return _load_array(file, leaf.tensors[0], arrays[leaf.tensors[0]])
+    # Every tensor of a quantized leaf is named PATH:ROLE (the schema checked it).
+    parts = {name[len(leaf.path) + 1:]: arrays[name] for name in leaf.tensors}
+    qa = _load_qarray(file, leaf, parts["data"], parts["scale"], parts.get("zero_point"))
+    if leaf.in_axis is None:
+        return qa
+    state = {role: parts.get(role) for role in STATE_ROLES}
+    problem = linear_state_problem(leaf.dtype, leaf.act_qtype, *state.values())
+    if problem:
+        fail(file, f"leaf {leaf.path!r}: {problem}")
+    try:
+        return LinearWeight(qa, **state, in_axis=leaf.in_axis, act_qtype=leaf.act_qtype)
+    except (TypeError, ValueError) as e:
+        fail(file, f"leaf {leaf.path!r}: {e}")
+
+
 def _build(node, leaves: dict[str, Any]):
     t = node["type"]
     if t == "leaf":
@@ -241,22 +262,27 @@ def _fill(like, leaves: dict[str, Any], file):
 def load(path, *, like=None, verify: bool = True, shardings=None):
     """Read a checkpoint written by :func:`save` (or any plain safetensors file).
 
-    Returns the saved tree with NumPy arrays and :class:`QArray` s of NumPy arrays
-    (convert with ``jax.tree.map(jnp.asarray, tree)``): nested dicts, lists and
+    Returns the saved tree with NumPy arrays, and :class:`QArray` s and
+    :class:`~arrayquant.LinearWeight` s of NumPy arrays (convert with
+    ``jax.tree.map(jnp.asarray, tree)``): nested dicts, lists and
     tuples as saved, or a flat ``{path: leaf}`` dict for a flat dict, a generic
     pytree, or a plain safetensors file (in file order). With ``like`` (a tree
     with the same leaf paths, e.g. the float model the checkpoint was made from),
-    the leaves are put into ``like``'s structure instead: every array or QArray
-    leaf of ``like`` is replaced by the stored leaf of the same path.
+    the leaves are put into ``like``'s structure instead: every array, QArray or
+    LinearWeight leaf of ``like`` is replaced by the stored leaf of the same path.
 
-    It accepts exactly what :func:`save` can write (and format-version-1 files).
+    It accepts exactly what :func:`save` can write (and format-version-1 and -2
+    files; :func:`~arrayquant.checkpoint.upgrade_checkpoint` rewrites them in the
+    current version).
     Everything is validated before it is returned: the header's size and nesting,
     metadata schema and version (no duplicate, unknown or missing keys, no NaN
     literals); the metadata's own digest; each tensor's presence, dtype and shape
     against the metadata; the tree referencing every leaf exactly once, at its own
     path; codes within the qtype's range (``[-qmax, qmax]`` when symmetric) and
     zero bits after the last packed code; zero points within ``[qmin, qmax]``;
-    scales within :func:`scale_limits`; booleans 0 or 1; no tensor left
+    scales within :func:`scale_limits`; a LinearWeight's ``in_scale`` and
+    ``act_scale`` within :func:`scale_limits`, ``perm`` a permutation, its
+    activation zero point in ``act_qtype``'s range; booleans 0 or 1; no tensor left
     unreferenced; and, with ``verify`` (the default), every tensor's SHA-256
     digest. Hashing costs about 0.7 s per GB on one core (``docs/benchmarks.md``);
     ``verify=False`` skips only that. Version-1 files have no digests: a damaged
@@ -267,7 +293,9 @@ def load(path, *, like=None, verify: bool = True, shardings=None):
     None``; leaves without one stay NumPy arrays. A QArray leaf takes the
     sharding of its float array (``NamedSharding(mesh, PartitionSpec(...))``),
     converted by :func:`arrayquant.sharding_like`, or a QArray-shaped tree of
-    shardings. A stacked QArray's spec covers its batch axes too.
+    shardings. A stacked QArray's spec covers its batch axes too. A LinearWeight
+    takes its float weight's sharding the same way for its QArray, with its input
+    state replicated (or a LinearWeight-shaped tree of shardings).
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: ``path`` is missing,
@@ -287,11 +315,7 @@ def load(path, *, like=None, verify: bool = True, shardings=None):
         leaves, skeleton = plain_leaves(file, tensors), None
     raw = _read_all(file, [n for leaf in leaves for n in leaf.tensors],
                     digests if verify and digests is not None else {})
-    out: dict[str, Any] = {}
-    for leaf in leaves:
-        parts = [raw[n] for n in leaf.tensors]
-        out[leaf.path] = (_load_qarray(file, leaf, *parts) if leaf.quantized
-                          else _load_array(file, leaf.tensors[0], *parts))
+    out = {leaf.path: leaf_from_tensors(file, leaf, raw) for leaf in leaves}
     if shardings is not None:
         out = _place(out, shardings, file)
     if like is not None:
@@ -319,5 +343,20 @@ def _place(out: dict[str, Any], shardings, file) -> dict[str, Any]:
         s = shardings.get(path) if isinstance(shardings, dict) else shardings(path, leaf)
         if s is not None and isinstance(leaf, QArray) and not isinstance(s, QArray):
             s = sharding_like(leaf, s)
+        if s is not None and isinstance(leaf, LinearWeight) and not isinstance(s, LinearWeight):
+            s = _linear_sharding(leaf, s)
         placed[path] = leaf if s is None else jax.device_put(leaf, s)
     return placed
+
+
+def _linear_sharding(lw: LinearWeight, s):
+    """A LinearWeight-shaped tree of shardings from ``s``, the float weight's: the QArray's by
+    :func:`~arrayquant.sharding_like`, the input state replicated (small vectors and scalars;
+    ``x`` is gathered and scaled by them whole)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from arrayquant.sharding import sharding_like
+
+    rest = NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
+    state = tuple(None if getattr(lw, r) is None else rest for r in STATE_ROLES)
+    return LinearWeight._from_parts(lw._static(), (sharding_like(lw.qweight, s), *state))

@@ -14,6 +14,7 @@ from arrayquant.checkpoint.schema import (
     MAX_TREE_DEPTH,
     META_KEY,
     body_digest,
+    leaf_arrays,
     leaf_entry,
     tensor_names,
 )
@@ -23,7 +24,8 @@ from arrayquant.checkpoint.stfile import (
     StreamWriter,
     canonical_json,
 )
-from arrayquant.checkpoint.values import qarray_problem
+from arrayquant.checkpoint.values import linear_state_problem, qarray_problem
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.qarray import QArray, check_integer_codes
 from arrayquant.trees import is_leaf, jax_tree_util, map_leaves
 
@@ -86,7 +88,8 @@ def _skeleton(node, prefix: tuple[str, ...], leaves: list) -> dict[str, Any] | N
         return None  # another pytree container: saved flat, rebuilt with load(..., like=)
     raise TypeError(
         f"cannot save {path or 'the root'!r} of type {type(node).__name__}: save() stores "
-        "arrays and QArrays in dicts, lists and tuples (and JAX pytrees when JAX is imported)"
+        "arrays, QArrays and LinearWeights in dicts, lists and tuples (and JAX pytrees when "
+        "JAX is imported)"
     )
 
 
@@ -149,35 +152,46 @@ def build_metadata(entries: list[dict[str, Any]], skeleton, specs):
     return with_digests
 
 
-def write_atomic(out_path, specs, metadata, parts) -> None:
-    """Atomically write the tensors ``parts`` yields, in the order of ``specs``."""
+def write_atomic(out_path, specs, metadata, parts, check=None) -> None:
+    """Atomically write the tensors ``parts`` yields, in the order of ``specs``.
+
+    ``check``, if given, is called with ``{name: digest}`` of what was written before
+    the file is completed; an exception from it leaves no file behind.
+    """
     with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
         writer = StreamWriter(fh, specs, metadata)
         for name, a in parts:
             writer.write(name, a)
+        if check is not None:
+            check(writer.digests)
         writer.close()
 
 
 def save(path, tree) -> None:
-    """Write ``tree`` (arrays and QArrays) to ``path`` in safetensors format, atomically.
+    """Write ``tree`` (arrays, QArrays, LinearWeights) to ``path`` as safetensors, atomically.
 
     ``tree`` is a dict, list or tuple nesting (string dict keys) of arrays of any
-    namespace and :class:`QArray` s; ``None`` entries are kept. Any other JAX
+    namespace, :class:`QArray` s and :class:`~arrayquant.LinearWeight` s (stored
+    with their input state: ``in_scale``, ``perm``, static activation
+    parameters); ``None`` entries are kept. Any other JAX
     pytree (an Equinox module, an NNX state) is stored as its array leaves by path
     and comes back from ``load(path, like=template)``. Arrays are converted to
     NumPy (JAX arrays are copied to the host).
 
     Every tensor's SHA-256 digest and one of the metadata are stored with it, and
     :func:`load` checks them. A QArray is saved only if :func:`load` would accept
-    it: codes and zero points in range, scales within :func:`scale_limits`.
+    it: codes and zero points in range, scales within :func:`scale_limits`; a
+    LinearWeight also needs ``in_scale`` and ``act_scale`` within
+    :func:`scale_limits`, ``perm`` a permutation and the activation zero point in
+    ``act_qtype``'s range.
 
     Raises:
         TypeError: a leaf that is not an array (under builtin containers), a
             non-string dict key, a dtype safetensors cannot store, a traced value,
             or a single array instead of a tree.
         ValueError: two leaves with the same path, two tensor names that clash, a
-            tree nested more than ``MAX_TREE_DEPTH`` levels, a QArray whose values
-            :func:`load` would reject.
+            tree nested more than ``MAX_TREE_DEPTH`` levels, a QArray or LinearWeight
+            whose values :func:`load` would reject.
         OSError: the file cannot be written: a missing folder, no permission, a
             full disk, a symbolic link or read-only file as ``path`` (the previous
             file, if any, is intact).
@@ -194,13 +208,12 @@ def save(path, tree) -> None:
     entries = []
     tensors: dict[str, np.ndarray] = {}
     for p, leaf in leaves:
-        if isinstance(leaf, QArray):
-            check_integer_codes(leaf, f"cannot save {p!r}: QArray")
+        qa = leaf.qweight if isinstance(leaf, LinearWeight) else leaf
+        if isinstance(qa, QArray):
+            check_integer_codes(qa, f"cannot save {p!r}: QArray")
         entries.append(leaf_entry(p, leaf))
-        names = tensor_names(p, leaf)
-        arrays = ({"data": leaf.data, "scale": leaf.scale, "zero_point": leaf.zero_point}
-                  if isinstance(leaf, QArray) else {"tensor": leaf})
-        for role, name in names.items():
+        arrays = leaf_arrays(leaf)
+        for role, name in tensor_names(p, leaf).items():
             if name is None:
                 continue
             if name in tensors:
@@ -209,14 +222,24 @@ def save(path, tree) -> None:
                     "leaf; rename one of them"
                 )
             tensors[name] = _to_numpy(arrays[role], p)
-        if isinstance(leaf, QArray):
-            parts = [None if n is None else tensors[n] for n in names.values()]
-            problem = qarray_problem(leaf.qtype, leaf.dtype, leaf.shape, leaf.packed_axis,
-                                     *parts, len(leaf.batch_shape))
-            if problem:
-                raise ValueError(f"cannot save {p!r}: {problem}; load() would reject it")
     # Widest items first keeps every tensor aligned to its item size in the file.
     names = sorted(tensors, key=lambda n: -tensors[n].dtype.itemsize)
     specs = [(n, tensors[n].dtype.name, tensors[n].shape) for n in names]
-    write_atomic(path, specs, build_metadata(entries, skeleton, specs),
-                 ((n, tensors[n]) for n in names))
+    metadata = build_metadata(entries, skeleton, specs)  # the loader's schema checks
+    for p, leaf in leaves:  # then its value checks, as load() runs them
+        problem = _value_problem(leaf, {r: None if n is None else tensors[n]
+                                        for r, n in tensor_names(p, leaf).items()})
+        if problem:
+            raise ValueError(f"cannot save {p!r}: {problem}; load() would reject it")
+    write_atomic(path, specs, metadata, ((n, tensors[n]) for n in names))
+
+
+def _value_problem(leaf, parts: dict[str, np.ndarray | None]) -> str | None:
+    qa = leaf.qweight if isinstance(leaf, LinearWeight) else leaf
+    if not isinstance(qa, QArray):
+        return None
+    return (qarray_problem(qa.qtype, qa.dtype, qa.shape, qa.packed_axis, parts["data"],
+                           parts["scale"], parts["zero_point"], len(qa.batch_shape))
+            or (None if qa is leaf else linear_state_problem(
+                qa.dtype, leaf.act_qtype, parts["in_scale"], parts["perm"],
+                parts["act_scale"], parts["act_zero_point"])))

@@ -2,16 +2,18 @@
 
 An arrayquant checkpoint's header holds one JSON document (under ``__metadata__``,
 key ``"arrayquant"``): the format version, one entry per leaf, the tree structure
-and (version 2) the digests. This module names a leaf's tensors (``PATH`` for an
-array; ``PATH:data``, ``PATH:scale``, ``PATH:zero_point`` for a QArray), builds
-leaf entries and checks one entry against the tensors a file holds
+and (version 2 on) the digests. This module names a leaf's tensors (``PATH`` for
+an array; ``PATH:data``, ``PATH:scale``, ``PATH:zero_point`` for a QArray, and
+also ``PATH:in_scale``, ``PATH:perm``, ``PATH:act_scale``, ``PATH:act_zero_point``
+for a LinearWeight), builds leaf entries and checks one entry against the tensors
+a file holds
 (:mod:`arrayquant.checkpoint.document` checks the whole document).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 from arrayquant.blocking import Blocking
@@ -22,20 +24,24 @@ from arrayquant.checkpoint.stfile import (
     digest,
     np_dtype,
 )
+from arrayquant.linear_weight import LinearWeight
 from arrayquant.packing import packed_length
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QTYPE_NAMES, as_qtype
 
 __all__ = [
-    "FORMAT_KEY", "FORMAT_VERSION", "MAX_JSON_DEPTH", "MAX_TREE_DEPTH", "META_KEY",
-    "NODE_KEYS", "READ_VERSIONS", "LeafInfo", "array_leaf", "body_digest", "expect_keys",
-    "fail", "is_int", "leaf_entry", "parse_leaf", "plain_leaves", "role_names", "tensor_names",
+    "FORMAT_KEY", "FORMAT_VERSION", "LINEAR_WEIGHT_VERSION", "MAX_JSON_DEPTH",
+    "MAX_TREE_DEPTH", "META_KEY", "NODE_KEYS", "READ_VERSIONS", "STATE_ROLES", "LeafInfo",
+    "array_leaf", "body_digest", "expect_keys", "fail", "is_int", "leaf_arrays", "leaf_entry",
+    "parse_leaf", "plain_leaves", "role_names", "tensor_names",
 ]
 
-#: Version of the metadata layout written by :func:`save`. Version 2 added the digests;
-#: :func:`load` reads versions 1 and 2.
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+#: Version of the metadata layout written by :func:`save`. Version 2 added the digests,
+#: version 3 the ``linear_weight`` leaf kind; :func:`load` reads versions 1, 2 and 3.
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+#: The first version whose files may hold ``linear_weight`` leaves.
+LINEAR_WEIGHT_VERSION = 3
 #: The deepest tree :func:`save` writes and :func:`load` reads (the root is depth 0).
 MAX_TREE_DEPTH = 100
 # Each tree level nests three JSON levels (node, items, [key, node]) below the document.
@@ -45,10 +51,15 @@ META_KEY = "arrayquant"
 # one damaged byte in either key cannot make a checkpoint read as a plain file.
 FORMAT_KEY = "format"
 _ROLES = ("data", "scale", "zero_point")
+#: The tensors a LinearWeight stores beside its QArray's (each may be absent).
+STATE_ROLES = ("in_scale", "perm", "act_scale", "act_zero_point")
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_INT_NAMES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
 _ARRAY_KEYS = ("path", "kind", "tensor")
 _QARRAY_KEYS = ("path", "kind", "qtype", "dtype", "shape", "block_shape", "packed_axis",
                 *_ROLES)
+_LINEAR_KEYS = (*_QARRAY_KEYS, "in_axis", "in_scale", "perm", "act_qtype", "act_scale",
+                "act_zero_point")
 # Written only for a stacked QArray (leading batch axes), so other files are unchanged.
 _BATCH_KEY = "batch_shape"
 NODE_KEYS = {"leaf": ("type", "path"), "none": ("type",), "dict": ("type", "items"),
@@ -71,13 +82,31 @@ def role_names(path: str, symmetric: bool) -> dict[str, str | None]:
 
 def tensor_names(path: str, leaf) -> dict[str, str | None]:
     """``{role: tensor name or None}`` of a leaf (``{"tensor": path}`` for an array)."""
+    if isinstance(leaf, LinearWeight):
+        return {**role_names(path, leaf.qweight.zero_point is None),
+                **{r: None if getattr(leaf, r) is None else f"{path}:{r}" for r in STATE_ROLES}}
     if isinstance(leaf, QArray):
         return role_names(path, leaf.zero_point is None)
     return {"tensor": path}
 
 
+def leaf_arrays(leaf) -> dict[str, Any]:
+    """``{role: array or None}`` of a leaf, the roles of :func:`tensor_names`."""
+    if isinstance(leaf, LinearWeight):
+        return {**leaf_arrays(leaf.qweight), **{r: getattr(leaf, r) for r in STATE_ROLES}}
+    if isinstance(leaf, QArray):
+        return {"data": leaf.data, "scale": leaf.scale, "zero_point": leaf.zero_point}
+    return {"tensor": leaf}
+
+
 def leaf_entry(path: str, leaf) -> dict[str, Any]:
     """The document's entry for ``leaf`` at ``path``."""
+    if isinstance(leaf, LinearWeight):
+        names = tensor_names(path, leaf)
+        return {**leaf_entry(path, leaf.qweight), "kind": "linear_weight",
+                "in_axis": leaf.in_axis, "in_scale": names["in_scale"], "perm": names["perm"],
+                "act_qtype": leaf.act_qtype, "act_scale": names["act_scale"],
+                "act_zero_point": names["act_zero_point"]}
     if isinstance(leaf, QArray):
         return {
             "path": path, "kind": "qarray", "qtype": leaf.qtype, "dtype": leaf.dtype,
@@ -115,12 +144,23 @@ class LeafInfo:
     packed_axis: int | None = None
     symmetric: bool | None = None
     tensors: tuple[str, ...] = ()
-    nbytes: int = 0
+    nbytes: int = 0  # of every tensor of the leaf (a LinearWeight's state included)
     batch_shape: tuple[int, ...] = ()  # leading axes of a stacked QArray
+    # A LinearWeight's static fields, and which of STATE_ROLES it stores (else None, ()).
+    in_axis: int | None = None
+    act_qtype: str | None = None
+    state: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> bool:
         return self.qtype is not None
+
+    @property
+    def kind(self) -> str:
+        """``"array"``, ``"qarray"`` or ``"linear_weight"``, as in the document."""
+        if self.in_axis is not None:
+            return "linear_weight"
+        return "array" if self.qtype is None else "qarray"
 
     @property
     def granularity(self) -> str | None:
@@ -194,7 +234,7 @@ def plain_leaves(file, tensors) -> list[LeafInfo]:
     return [array_leaf(file, tensors, name) for name in tensors]
 
 
-def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
+def parse_leaf(file, i: int, entry, tensors, version: int = FORMAT_VERSION) -> LeafInfo:
     """The leaf of the ``i``-th entry of 'leaves', checked against the file's tensors."""
     where = f"leaf #{i}"
     if not isinstance(entry, dict):
@@ -202,8 +242,11 @@ def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
     path = _str_field(file, where, entry, "path")
     where = f"leaf {path!r}"
     kind = entry.get("kind")
-    if kind in ("array", "qarray"):
-        keys = _ARRAY_KEYS if kind == "array" else _QARRAY_KEYS
+    if kind == "linear_weight" and version < LINEAR_WEIGHT_VERSION:
+        fail(file, f"{where}: kind 'linear_weight' is new in format version "
+                   f"{LINEAR_WEIGHT_VERSION}, but the file says version {version}")
+    if kind in ("array", "qarray", "linear_weight"):
+        keys = {"array": _ARRAY_KEYS, "qarray": _QARRAY_KEYS, "linear_weight": _LINEAR_KEYS}[kind]
         if kind == "qarray" and _BATCH_KEY in entry:
             keys = (*keys, _BATCH_KEY)
         expect_keys(file, where, entry, keys)
@@ -213,8 +256,14 @@ def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
             fail(file, f"{where}: field 'tensor' must be the leaf's path {path!r}, got "
                        f"{name!r}")
         return array_leaf(file, tensors, name, where)
-    if kind != "qarray":
-        fail(file, f"{where}: field 'kind' must be 'array' or 'qarray', got {kind!r}")
+    if kind not in ("qarray", "linear_weight"):
+        fail(file, f"{where}: field 'kind' must be 'array', 'qarray' or 'linear_weight', got "
+                   f"{kind!r}")
+    leaf = _qarray_leaf(file, where, path, entry, tensors)
+    return leaf if kind == "qarray" else _linear_leaf(file, where, entry, tensors, leaf)
+
+
+def _qarray_leaf(file, where: str, path: str, entry: dict, tensors) -> LeafInfo:
     qtype = entry.get("qtype")
     if qtype not in QTYPE_NAMES:
         fail(file, f"{where}: unknown qtype {qtype!r}; expected one of {', '.join(QTYPE_NAMES)}")
@@ -271,6 +320,48 @@ def parse_leaf(file, i: int, entry, tensors) -> LeafInfo:
     used = tuple(n for n in names.values() if n is not None)
     return LeafInfo(path, shape, dtype, qtype, block, packed_axis, names["zero_point"] is None,
                     used, sum(_tensor_nbytes(tensors, n) for n in used), batch)
+
+
+def _linear_leaf(file, where: str, entry: dict, tensors, qleaf: LeafInfo) -> LeafInfo:
+    """A linear_weight entry: its QArray (``qleaf``, already checked) and its input state."""
+    if len(qleaf.shape) != 2:
+        fail(file, f"{where}: a linear_weight is 2-D; shape {list(qleaf.shape)} has "
+                   f"{len(qleaf.shape)} entries")
+    in_axis = entry["in_axis"]
+    if not is_int(in_axis) or in_axis not in (0, 1):
+        fail(file, f"{where}: field 'in_axis' must be 0 ((in, out) layout) or 1 ((out, in) "
+                   f"layout), got {in_axis!r}")
+    act_qtype = entry["act_qtype"]
+    if act_qtype is not None and act_qtype not in QTYPE_NAMES:
+        fail(file, f"{where}: field 'act_qtype' must be null or one of {', '.join(QTYPE_NAMES)}, "
+                   f"got {act_qtype!r}")
+    names: dict[str, str | None] = {}
+    for role in STATE_ROLES:
+        v, want = entry[role], f"{qleaf.path}:{role}"
+        if v is not None and v != want:
+            fail(file, f"{where}: field {role!r} must be null or name the tensor {want!r}, "
+                       f"got {v!r}")
+        names[role] = v
+    if (act_qtype is None) != (names["act_scale"] is None):
+        fail(file, f"{where}: fields 'act_qtype' and 'act_scale' go together (static activation "
+                   f"quantization: both set or both null), got {act_qtype!r} and "
+                   f"{names['act_scale']!r}")
+    if names["act_zero_point"] is not None and act_qtype is None:
+        fail(file, f"{where}: field 'act_zero_point' needs 'act_qtype' and 'act_scale'")
+    if act_qtype is not None and names["act_zero_point"] is None \
+            and not as_qtype(act_qtype).signed:
+        fail(file, f"{where}: act_qtype {act_qtype} is unsigned, so it needs 'act_zero_point' "
+                   "(only signed activation types are symmetric)")
+    k = qleaf.shape[in_axis]
+    wanted = {"in_scale": (_FLOAT_NAMES, (k,)), "perm": (("int32", "int64"), (k,)),
+              "act_scale": (_FLOAT_NAMES, ()), "act_zero_point": (_INT_NAMES, ())}
+    state = tuple(r for r in STATE_ROLES if names[r] is not None)
+    for role in state:
+        _expect_tensor(file, where, tensors, names[role], *wanted[role])
+    extra = tuple(names[r] for r in state)
+    return replace(qleaf, tensors=qleaf.tensors + extra,
+                   nbytes=qleaf.nbytes + sum(_tensor_nbytes(tensors, n) for n in extra),
+                   in_axis=in_axis, act_qtype=act_qtype, state=state)
 
 
 def expect_keys(file, where: str, obj: dict, keys: tuple[str, ...]) -> None:

@@ -232,6 +232,11 @@ class StreamWriter:
             self._digests[name] = _named(hashed.result())
         self._next += 1
 
+    @property
+    def digests(self) -> dict[str, str]:
+        """``{name: "sha256:..."}`` of the tensors written so far."""
+        return {name: self._digests[name] for name, _, _ in self._order[: self._next]}
+
     def _pool(self):
         if self._threads is None:
             from concurrent.futures import ThreadPoolExecutor
