@@ -26,6 +26,7 @@ from arrayquant.checkpoint import (
     load,
     quantize_checkpoint,
     save,
+    upgrade_checkpoint,
 )
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.metrics import max_abs_error, mse, sqnr_db
@@ -118,6 +119,7 @@ __all__ = [
     "to_planar",
     "tree_paths",
     "tree_report",
+    "upgrade_checkpoint",
     "unpack",
 ]
 
