@@ -194,6 +194,10 @@ class PercentileObserver:
     row counts (rows, not values: every row has ``k`` values). ``q = 100`` gives
     each batch's min and max. Cost: one sort of the batch per layer (on JAX a
     top-k selection of the ``(100 - q) / 100 * N + 2`` values at each end).
+    ``i + f`` is computed in the accumulation dtype: in float32 (JAX without x64)
+    ``f`` is off by up to about ``N * 6e-8``, so the result may differ from NumPy's
+    by that fraction of the gap between neighbouring values (measured: 5e-4 on a
+    range of 22 at ``q = 99.99``, ``N = 19,000``).
 
     Args:
         q: percentile in ``[50, 100]`` (default 99.99).
