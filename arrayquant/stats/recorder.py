@@ -92,12 +92,12 @@ class StatsRecorder:
             if observer is not None and not callable(getattr(observer, name, None)):
                 raise TypeError(f"StatsRecorder observer={observer!r} has no {name}(); "
                                 "expected an observer of arrayquant.stats.observers or None")
-        self._paths: dict[int, str] = {}
+        leaves = [(path, leaf) for path, leaf in flatten_tree(params) if is_leaf(leaf)]
         # The leaves are kept referenced, so that no id is reused while the recorder lives.
-        self._leaves = [leaf for _, leaf in flatten_tree(params) if is_leaf(leaf)]
-        for path, leaf in flatten_tree(params):
-            if is_leaf(leaf):
-                self._paths.setdefault(id(leaf), path)
+        self._leaves = [leaf for _, leaf in leaves]
+        self._paths: dict[int, str] = {}
+        for path, leaf in leaves:
+            self._paths.setdefault(id(leaf), path)
         self.row_mask = row_mask
         self.gram = gram
         self.observer = observer
