@@ -45,7 +45,17 @@ from arrayquant.products import int32_safe_in_features, linear, matmul, quantize
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import QType, as_qtype
 from arrayquant.sharding import sharding_like
-from arrayquant.stats import LayerStats
+from arrayquant.stats import (
+    LayerStats,
+    MinMaxObserver,
+    MovingAverageObserver,
+    MSEObserver,
+    PercentileObserver,
+    StatsRecorder,
+    activation_qparams,
+    collect_stats,
+    merge_stats,
+)
 from arrayquant.trees import (
     LeafReport,
     Rule,
@@ -73,21 +83,28 @@ def __getattr__(name: str):
 __all__ = [
     "CheckpointError",
     "HQQ",
-    "MSESearch",
-    "MinMax",
-    "Percentile",
     "LayerStats",
     "LeafReport",
     "LinearWeight",
+    "MinMax",
+    "MinMaxObserver",
+    "MovingAverageObserver",
+    "MSEObserver",
+    "MSESearch",
+    "Percentile",
+    "PercentileObserver",
     "QArray",
     "QType",
     "Rule",
+    "StatsRecorder",
     "TreeReport",
+    "activation_qparams",
     "all_finite",
     "as_qtype",
     "cast_floats",
     "check_finite",
     "checkpoint_info",
+    "collect_stats",
     "dequantize",
     "dequantize_tree",
     "dequantize_with",
@@ -99,14 +116,15 @@ __all__ = [
     "load",
     "matmul",
     "max_abs_error",
+    "merge_stats",
     "mse",
     "pack",
     "packed_length",
     "plot_quantization_error",
     "qparams",
     "qparams_from_range",
-    "quantize_activations",
     "quantize",
+    "quantize_activations",
     "quantize_checkpoint",
     "quantize_tree",
     "quantize_with",
@@ -119,8 +137,8 @@ __all__ = [
     "to_planar",
     "tree_paths",
     "tree_report",
-    "upgrade_checkpoint",
     "unpack",
+    "upgrade_checkpoint",
 ]
 
 _install_jax_hook()
