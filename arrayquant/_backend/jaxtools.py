@@ -130,3 +130,23 @@ def install_hook() -> None:
         register_pytrees()
     elif not any(isinstance(f, _AfterJaxImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterJaxImport())
+
+
+def fori_loop(start: int, stop: int, body, carry, tables=()):
+    """``carry = body(i, [t[i] for t in tables], carry)`` as one ``lax.fori_loop``.
+
+    The body is traced and compiled once. Each step's rows of ``tables`` come in
+    through the loop's carry (read one step ahead), so XLA materializes them:
+    indexed inside the body, the dynamic slice was fused into every element of
+    the loops that use the rows (5x slower on XLA:CPU for MSESearch).
+    """
+    from jax import lax
+
+    def rows(i):
+        return [lax.dynamic_index_in_dim(t, i, 0, keepdims=False) for t in tables]
+
+    def step(i, c):
+        row, c = c
+        return rows(lax.min(i + 1, stop - 1)), body(i, row, c)
+
+    return lax.fori_loop(start, stop, step, (rows(start), carry))[1]
