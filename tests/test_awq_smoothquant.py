@@ -107,9 +107,9 @@ def test_linear_weight_semantics():
     y_stored = (x * lw.in_scale) @ q.T
     y_repr = x @ w_hat.T
     np.testing.assert_allclose(y_stored, y_repr, rtol=1e-4, atol=1e-4 * np.abs(y_repr).max())
-    # the product through the library (works whether or not aq.linear takes a LinearWeight)
-    y_lib = aq.linear(transform_input(x, lw, np), lw.qweight)
-    np.testing.assert_allclose(y_lib, y_repr, rtol=1e-4, atol=1e-4 * np.abs(y_repr).max())
+    # the products through the library: explicit, and aq.linear with the LinearWeight
+    for y_lib in (aq.linear(transform_input(x, lw, np), lw.qweight), aq.linear(x, lw)):
+        np.testing.assert_allclose(y_lib, y_repr, rtol=1e-4, atol=1e-4 * np.abs(y_repr).max())
 
 
 @pytest.mark.parametrize("gran0,gran1", [({"group_size": 24}, {"group_size": 24}),
@@ -181,6 +181,11 @@ def test_shared_scales_and_method_protocol():
     want = awq(w, stats, "int4", group_size=16, **SMALL)
     np.testing.assert_array_equal(got.qweight.codes, want.qweight.codes)
     np.testing.assert_array_equal(got.in_scale, want.in_scale)
+    # through a Rule and quantize_tree, keyed by the weight's path
+    tree = {"dense": {"weight": w, "bias": np.zeros(24, np.float32)}}
+    qt = aq.quantize_tree(tree, aq.Rule(dtype="int4", group_size=16, method=m),
+                          stats={"dense/weight": stats})
+    np.testing.assert_array_equal(qt["dense"]["weight"].qweight.codes, want.qweight.codes)
 
 
 @given(seed=st.integers(0, 2**16), dtype=st.sampled_from(["int4", "uint4", "int2", "int8"]),
@@ -255,6 +260,8 @@ def test_awq_bad_types():
         awq(w, {"gram": 1}, "int4")
     with pytest.raises(TypeError, match="data-aware method"):
         awq(w, record(x), "int4", inner=aq.MinMax())
+    with pytest.raises(TypeError, match="clip"):
+        awq(w, record(x), "int4", clip="yes")
 
 
 # ------------------------------------------------------------------------------ SmoothQuant
@@ -292,6 +299,8 @@ def test_smoothquant_w8a8_beats_plain_w8a8_on_outliers():
                        act_symmetric=False)
     e_plain, e_smooth = np.mean((plain - y) ** 2), np.mean((smooth - y) ** 2)
     assert e_smooth < 0.5 * e_plain
+    np.testing.assert_array_equal(
+        aq.linear(x, lw, act_dtype="int8", act_symmetric=False), smooth)
 
 
 @pytest.mark.parametrize("act_symmetric", [False, True])
@@ -317,6 +326,14 @@ def test_static_activation_params(act_symmetric):
     assert rel < 0.05
     s2, z2 = static_act_params(stats, lw.in_scale, "int8", act_symmetric)
     np.testing.assert_array_equal(s2, lw.act_scale)
+    # aq.linear uses the static parameters (no act_dtype): the same codes, integer product
+    np.testing.assert_allclose(aq.linear(x, lw), xq @ y.T, rtol=1e-4,
+                               atol=1e-4 * np.abs(x @ w.T).max())
+    tree = aq.quantize_tree({"w": w}, aq.Rule(dtype="int8", symmetric=True, axis=0,
+                                              method=SmoothQuant(static=True,
+                                                                 act_symmetric=act_symmetric)),
+                            stats={"w": stats})
+    np.testing.assert_array_equal(tree["w"].act_scale, lw.act_scale)
 
 
 def test_smoothquant_method_and_jax():

@@ -309,8 +309,9 @@ def awq(w, stats, dtype, *, group_size=None, axis=None, group_axis=None,
                              f"{in_axis}; give both the same layout")
     lay, xp, cdt, qt, h = _prepare(w, stats, dtype, symmetric, axis, group_size, group_axis,
                                    in_axis, what)
-    q = _settings(what, qt, symmetric, scale_dtype, grid, clip and inner is None,
-                  clip_alphas, clip_grid, min_shrink)
+    q = _settings(what, qt, symmetric, scale_dtype, grid, clip, clip_alphas, clip_grid,
+                  min_shrink)
+    q = replace(q, clip=clip and inner is None)
     if scales is not None:
         if tuple(getattr(scales, "shape", ())) != (lay.k,):
             raise ValueError(f"{what} scales of shape {tuple(getattr(scales, 'shape', ()))}: "
