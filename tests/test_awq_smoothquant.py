@@ -167,6 +167,19 @@ def test_inner_method_composes(perm_it):
     assert (lw.perm is not None) == perm_it
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_awq_with_gptq(act_order):
+    gptq = pytest.importorskip("arrayquant.dataaware.gptq")  # written alongside (issue 11)
+    x, w = _layer(19, k=64, n=16)
+    stats = record(x)
+    lw = awq(w, stats, "int4", group_size=16, inner=gptq.GPTQ(act_order=act_order), **SMALL)
+    assert (lw.perm is not None) == act_order and lw.in_scale is not None
+    w_hat = aq.dequantize(lw)
+    np.testing.assert_allclose(aq.linear(x, lw), x @ w_hat.T, rtol=1e-4,
+                               atol=1e-4 * np.abs(x @ w.T).max())
+    assert _out_err(x, w, w_hat) < _out_err(x, w, _deq(aq.quantize(w, "int4", group_size=16)))
+
+
 def test_shared_scales_and_method_protocol():
     x, w = _layer(7)
     w2 = np.random.default_rng(1).standard_normal((10, 64)).astype(np.float32)
