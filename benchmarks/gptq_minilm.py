@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/gptq_minilm.py            # the table (one process per row)
     PYTHONPATH=. python benchmarks/gptq_minilm.py --compare  # NumPy against JAX, int4 g128
+    PYTHONPATH=. python benchmarks/gptq_minilm.py --quick    # smoke run: NumPy, 3 weights
 
 Calibrates on 64 sentences that are not the evaluation sentences (the package's
 ``arrayquant/apps/models/data/calibration_sentences.txt`` when it exists, else the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import subprocess
@@ -99,7 +101,8 @@ CALIBRATION = (
 )
 
 SETTINGS = {"int4 g128": ("int4", 128), "int3 g64": ("int3", 64), "int2 g32": ("int2", 32)}
-VARIANTS = {"mse, damp 0.1": ("mse", 0.1), "minmax, damp 0.01": ("minmax", 0.01)}
+VARIANTS = {"mse, damp 0.1": ("mse", 0.1, False), "minmax, damp 0.01": ("minmax", 0.01, False),
+            "mse, damp 0.1, act-order": ("mse", 0.1, True)}
 # Parameter searches by name (--one): the GPTQ default and two variants.
 PARAMS = {"mse": "mse", "minmax": "minmax", "mse-nozp": aq.MSESearch(search_zero_point=False),
           "mse-grid10": aq.MSESearch(grid=10, search_zero_point=False)}
@@ -109,12 +112,16 @@ def calibration_sentences() -> list[str]:
     path = (pathlib.Path(minilm.__file__).parent / "data" / "calibration_sentences.txt")
     if path.is_file():
         lines = [s.strip() for s in path.read_text().splitlines()]
-        return [s for s in lines if s and not s.startswith("#")][:64]
-    return list(CALIBRATION)
+        return [s for s in lines if s and not s.startswith("#")][:8 if QUICK else 64]
+    return list(CALIBRATION[:8] if QUICK else CALIBRATION)
+
+
+QUICK = False  # --quick: only encoder layer 0's query, key and value weights, on 8 sentences
 
 
 def weight_names(params) -> list[str]:
-    return sorted(n for n in params if n.startswith("encoder.layer.") and n.endswith(".weight")
+    prefix = "encoder.layer.0.attention.self." if QUICK else "encoder.layer."
+    return sorted(n for n in params if n.startswith(prefix) and n.endswith(".weight")
                   and "LayerNorm" not in n)
 
 
@@ -129,8 +136,9 @@ def collect(params, tokens, xp) -> dict:
     stats: dict = {}
 
     def hook(x, w, b):
-        name = names[id(w)]
-        stats[name] = merge(stats.get(name), record(x, mask))
+        name = names.get(id(w))
+        if name is not None:
+            stats[name] = merge(stats.get(name), record(x, mask))
         y = x @ w.T
         return y if b is None else y + b
 
@@ -157,7 +165,8 @@ def cosines(params, dequantized: dict, tokens, ref) -> np.ndarray:
     return np.sum(a * ref, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(ref, axis=1))
 
 
-def run(backend: str, dtype: str, group: int, pm: str, damp: float, keep=False) -> dict:
+def run(backend: str, dtype: str, group: int, pm: str, damp: float, keep=False,
+        act_order=False) -> dict:
     params = minilm.load_params()
     if backend == "jax":
         import jax
@@ -171,23 +180,28 @@ def run(backend: str, dtype: str, group: int, pm: str, damp: float, keep=False) 
 
         dev, sync = params, (lambda a: a)
         calibrate = lambda p, t: collect(p, t, xp)  # noqa: E731
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stats = calibrate(dev, minilm.tokenize(calibration_sentences()))
     sync([s.gram for s in stats.values()])
     t1 = time.perf_counter()
     qt = qtype(dtype)
-    out = {n: gptq_codes(dev[n], stats[n], qt, group_size=group, params=PARAMS[pm], damp=damp)
+    out = {n: gptq_codes(dev[n], stats[n], qt, group_size=group, params=PARAMS[pm], damp=damp,
+                         act_order=act_order)
            for n in weight_names(params)}
     sync([q[0] for q in out.values()])
-    t2 = time.perf_counter()
-    deq = {n: aq.dequantize_with(c, s, z, group_size=group) for n, (c, s, z, _) in out.items()}
+    t2, c2 = time.perf_counter(), time.process_time()
+    deq = {n: np.asarray(aq.dequantize_with(c, s, z, group_size=group))
+           for n, (c, s, z, _) in out.items()}
+    if act_order:  # stored column j is input perm[j]
+        deq = {n: d[:, np.argsort(np.asarray(out[n][3]))] for n, d in deq.items()}
     tokens = minilm.tokenize(minilm.DEMO_SENTENCES)
     ref = np.asarray(minilm.encode(params, tokens), np.float64)
     cos = cosines(params, deq, tokens, ref)
     base = {n: rtn(params[n], qt, group) for n in weight_names(params)}
     res = {"cos": float(cos.mean()), "min": float(cos.min()),
            "rtn": float(cosines(params, base, tokens, ref).mean()),
-           "calib_s": t1 - t0, "quant_s": t2 - t1,
+           "calib_s": t1 - t0, "quant_s": t2 - t1, "cpu_s": c2 - c0,
+           "load": os.getloadavg()[0],
            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if keep:
         res["q"] = {n: np.asarray(q[0]) for n, q in out.items()}
@@ -216,26 +230,34 @@ def compare() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--one", nargs=5, metavar=("BACKEND", "DTYPE", "GROUP", "PARAMS", "DAMP"))
+    ap.add_argument("--act-order", action="store_true", help="with --one")
     args = ap.parse_args()
+    if args.quick:
+        global QUICK
+        QUICK = True
+        print(json.dumps(run("numpy", "int4", 128, "mse", 0.1)))
+        return
     if args.compare:
         compare()
         return
     if args.one:
         b, dt, g, pm, damp = args.one
-        print(json.dumps(run(b, dt, int(g), pm, float(damp))))
+        print(json.dumps(run(b, dt, int(g), pm, float(damp), act_order=args.act_order)))
         return
     print("| setting | GPTQ params | mean cos | min cos | RTN mean cos | calibrate | quantize "
-          "(JAX, incl. compile) | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(JAX, incl. compile) | CPU time, both | peak RSS | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for sname, (dt, g) in SETTINGS.items():
-        for vname, (pm, damp) in VARIANTS.items():
-            done = subprocess.run([sys.executable, __file__, "--one", "jax", dt, str(g), pm,
-                                   str(damp)], capture_output=True, text=True, check=True)
+        for vname, (pm, damp, act) in VARIANTS.items():
+            cmd = [sys.executable, __file__, "--one", "jax", dt, str(g), pm, str(damp)]
+            done = subprocess.run(cmd + (["--act-order"] if act else []), capture_output=True,
+                                  text=True, check=True)
             r = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"| {sname} asym | {vname} | {r['cos']:.4f} | {r['min']:.4f} | "
                   f"{r['rtn']:.4f} | {r['calib_s']:.1f} s | {r['quant_s']:.1f} s | "
-                  f"{r['peak_mb']:.0f} MB |", flush=True)
+                  f"{r['cpu_s']:.1f} s | {r['peak_mb']:.0f} MB | {r['load']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

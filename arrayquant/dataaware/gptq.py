@@ -272,6 +272,21 @@ def gptq(w, stats, dtype, *, group_size=None, axis=None, symmetric=False, in_axi
             the Gram matrix; ``axis`` not None or the output axis; ``axis`` with
             ``group_size``; a bad setting; eager only: NaN or inf in ``w`` or the
             Hessian, or a damped Hessian that is not positive definite.
+
+    Example:
+        >>> import numpy as np, arrayquant as aq
+        >>> from arrayquant.dataaware import gptq
+        >>> rng = np.random.default_rng(0)
+        >>> w = rng.standard_normal((8, 32)).astype(np.float32)
+        >>> x = rng.standard_normal((64, 32)).astype(np.float32)
+        >>> qa = gptq(w, x.T @ x, "int4", group_size=16)
+        >>> qa.shape, qa.scale.shape, qa.data.shape
+        ((8, 32), (8, 2), (8, 16))
+        >>> def loss(q):
+        ...     e = w - aq.dequantize(q)
+        ...     return float(np.trace(e @ (x.T @ x) @ e.T))
+        >>> loss(qa) < loss(aq.quantize(w, "int4", group_size=16))
+        True
     """
     xp, qt, blocking, h, setup = _prepare(w, stats, dtype, group_size, axis, symmetric,
                                           in_axis, damp, block_size, act_order, params,
