@@ -190,6 +190,7 @@ def run(backend: str, dtype: str, group: int, pm: str, damp: float, keep=False,
            for n in weight_names(params)}
     sync([q[0] for q in out.values()])
     t2, c2 = time.perf_counter(), time.process_time()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before evaluating
     deq = {n: np.asarray(aq.dequantize_with(c, s, z, group_size=group))
            for n, (c, s, z, _) in out.items()}
     if act_order:  # stored column j is input perm[j]
@@ -202,7 +203,7 @@ def run(backend: str, dtype: str, group: int, pm: str, damp: float, keep=False,
            "rtn": float(cosines(params, base, tokens, ref).mean()),
            "calib_s": t1 - t0, "quant_s": t2 - t1, "cpu_s": c2 - c0,
            "load": os.getloadavg()[0],
-           "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "peak_mb": peak}
     if keep:
         res["q"] = {n: np.asarray(q[0]) for n, q in out.items()}
         res["stats"] = {n: np.asarray(s.gram, np.float64) for n, s in stats.items()}
