@@ -302,7 +302,7 @@ def _reference(w, h, dtype, group, damp):
     return q, codes
 
 
-@pytest.mark.parametrize("group,block", [(4, 3), (4, 8), (6, 128), (12, 5)])
+@pytest.mark.parametrize("group,block", [(4, 3), (4, 8), (6, 128), (12, 5), (13, 5)])
 def test_matches_textbook_gptq(group, block):
     w, _, h = _layer(m=9, k=30, n=50, seed=7, dead=(5,))
     ref, ref_codes = _reference(w, h, "int4", group, 0.05)
