@@ -28,6 +28,19 @@ from arrayquant.checkpoint import (
     save,
     upgrade_checkpoint,
 )
+from arrayquant.dataaware import (
+    AWQ,
+    GPTQ,
+    SmoothQuant,
+    awq,
+    awq_scales,
+    correct_biases,
+    corrected_bias,
+    gptq,
+    smooth_scales,
+    smoothquant,
+    static_act_params,
+)
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.metrics import max_abs_error, mse, sqnr_db
 from arrayquant.packing import (
@@ -81,7 +94,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'arrayquant' has no attribute {name!r}")
 
 __all__ = [
+    "AWQ",
     "CheckpointError",
+    "GPTQ",
     "HQQ",
     "LayerStats",
     "LeafReport",
@@ -96,21 +111,27 @@ __all__ = [
     "QArray",
     "QType",
     "Rule",
+    "SmoothQuant",
     "StatsRecorder",
     "TreeReport",
     "activation_qparams",
     "all_finite",
     "as_qtype",
+    "awq",
+    "awq_scales",
     "cast_floats",
     "check_finite",
     "checkpoint_info",
     "collect_stats",
+    "correct_biases",
+    "corrected_bias",
     "dequantize",
     "dequantize_tree",
     "dequantize_with",
     "from_high_nibble_first",
     "from_hqq",
     "from_planar",
+    "gptq",
     "int32_safe_in_features",
     "linear",
     "load",
@@ -131,7 +152,10 @@ __all__ = [
     "save",
     "scale_limits",
     "sharding_like",
+    "smooth_scales",
+    "smoothquant",
     "sqnr_db",
+    "static_act_params",
     "to_high_nibble_first",
     "to_hqq",
     "to_planar",

@@ -9,7 +9,13 @@ settings below, with every encoder linear layer computed by
 - ``W4A16``: int4 weights, asymmetric, one scale and zero point per group of 128
   input features, packed two per byte;
 - ``W8A8``: the W8A16 weights, and activations quantized to int8 per token
-  (symmetric, dynamic) inside every linear layer, products summed in int32.
+  (symmetric, dynamic) inside every linear layer, products summed in int32;
+- data-aware settings (issue 11): W4A16 with GPTQ, AWQ, and AWQ then GPTQ, and
+  W8A8 with SmoothQuant (alpha 0.6) and asymmetric per-token activations. Their
+  activation statistics are recorded once, on the package's 64 calibration
+  sentences (:func:`~arrayquant.apps.models.minilm_calibration.load_sentences`),
+  never on the evaluation sentences; the row's calibration time is that recording
+  plus the setting's own quantization.
 
 Embeddings, LayerNorms and biases stay in float32 (they are left out by the
 rules in :func:`weight_rules`). For each setting it reports the bytes of the 36
@@ -33,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from arrayquant.affine.methods import is_data_aware
+from arrayquant.dataaware import AWQ, GPTQ, SmoothQuant
 from arrayquant.trees import Rule, format_bytes, quantize_tree
 
 __all__ = ["SETTINGS", "DemoRow", "format_table", "run", "weight_rules"]
@@ -43,12 +51,21 @@ KEEP = r"embeddings|LayerNorm|pooler"
 #: The encoder's linear weights, PyTorch (out, in) layout.
 LINEAR_WEIGHTS = r"^encoder\.layer\.\d+\..*\.weight$"
 
-#: setting -> (weight quantization as Rule keyword arguments, activation dtype or None).
-SETTINGS: dict[str, tuple[dict[str, Any] | None, str | None]] = {
+_W8 = {"dtype": "int8", "symmetric": True, "axis": 0}
+_W4 = {"dtype": "int4", "group_size": 128}
+
+#: setting -> (weight quantization as Rule keyword arguments, activation quantization as
+#: keyword arguments of :func:`arrayquant.linear`, or None).
+SETTINGS: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {
     "float32": (None, None),
-    "W8A16 int8 per-channel sym": ({"dtype": "int8", "symmetric": True, "axis": 0}, None),
-    "W4A16 int4 g128 asym packed": ({"dtype": "int4", "group_size": 128}, None),
-    "W8A8 int8 + per-token int8": ({"dtype": "int8", "symmetric": True, "axis": 0}, "int8"),
+    "W8A16 int8 per-channel sym": (_W8, None),
+    "W4A16 int4 g128 asym packed": (_W4, None),
+    "W4A16 int4 g128 GPTQ": ({**_W4, "method": GPTQ()}, None),
+    "W4A16 int4 g128 AWQ": ({**_W4, "method": AWQ()}, None),
+    "W4A16 int4 g128 AWQ+GPTQ": ({**_W4, "method": AWQ(inner=GPTQ())}, None),
+    "W8A8 int8 + per-token int8": (_W8, {"act_dtype": "int8"}),
+    "W8A8 SmoothQuant + asym per-token": (
+        {**_W8, "method": SmoothQuant(alpha=0.6)}, {"act_dtype": "int8", "act_symmetric": False}),
 }
 
 
@@ -76,6 +93,8 @@ class DemoRow:
     neighbours_kept: int
     n_sentences: int
     seconds_per_batch: float
+    #: Data-aware settings: seconds to record the statistics and quantize; else None.
+    calibration_seconds: float | None = None
 
     @property
     def compression(self) -> float:
@@ -88,9 +107,14 @@ class DemoRow:
 
 
 def storage_nbytes(leaf) -> int:
-    from arrayquant.qarray import QArray, storage_nbytes
+    from arrayquant.qarray import storage_nbytes
+    from arrayquant.trees import is_quantized
 
-    return leaf.nbytes if isinstance(leaf, QArray) else storage_nbytes(leaf)
+    return leaf.nbytes if is_quantized(leaf) else storage_nbytes(leaf)
+
+
+def _data_aware(quant: dict[str, Any] | None) -> bool:
+    return quant is not None and is_data_aware(quant.get("method"))
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -120,6 +144,15 @@ def _pick_backend(backend: str) -> str:
     return "jax"
 
 
+def _on_backend(backend: str, tree):
+    if backend == "numpy":
+        return tree
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.asarray, tree)
+
+
 def _runner(backend: str, params, tokens, linear) -> Callable[[], np.ndarray]:
     """A function that computes the embeddings once, blocking until they are ready."""
     from arrayquant.apps.models import minilm
@@ -129,7 +162,7 @@ def _runner(backend: str, params, tokens, linear) -> Callable[[], np.ndarray]:
     import jax
     import jax.numpy as jnp
 
-    params = jax.tree.map(jnp.asarray, params)
+    params = _on_backend(backend, params)
     tokens = {k: jnp.asarray(v) for k, v in tokens.items()}
     fn = jax.jit(functools.partial(minilm.encode, linear=linear))
     return lambda: np.asarray(jax.block_until_ready(fn(params, tokens)))
@@ -191,12 +224,24 @@ def run(
 
     rows: list[DemoRow] = []
     reference = ref_nn = None
+    stats = stats_seconds = None
     for name in names:
         quant, act = SETTINGS[name]
         if log is not None:
             log(f"{name} ({backend})")
-        qparams = params if quant is None else quantize_tree(params, weight_rules(**quant))
-        linear = aq_linear if act is None else functools.partial(aq_linear, act_dtype=act)
+        calibration = None
+        if _data_aware(quant):
+            if stats is None:  # recorded once, for every data-aware setting
+                t0 = time.perf_counter()
+                stats = _calibration_stats(_on_backend(backend, params))
+                stats_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            qparams = quantize_tree(_on_backend(backend, params), weight_rules(**quant),
+                                    stats=stats)
+            calibration = stats_seconds + time.perf_counter() - t0
+        else:
+            qparams = params if quant is None else quantize_tree(params, weight_rules(**quant))
+        linear = aq_linear if act is None else functools.partial(aq_linear, **act)
         emb, seconds = _time(_runner(backend, qparams, tokens, linear), repeats)
         if reference is None:
             reference, ref_nn = emb, _nearest(emb)
@@ -211,20 +256,32 @@ def run(
             neighbours_kept=int(np.sum(_nearest(emb) == ref_nn)),
             n_sentences=len(emb),
             seconds_per_batch=seconds,
+            calibration_seconds=calibration,
         ))
     return rows
+
+
+def _calibration_stats(params):
+    """The linear layers' statistics over the 64 calibration sentences (blocks until done)."""
+    from arrayquant.apps.models import minilm_calibration as mc
+
+    stats = mc.collect_stats(params, mc.load_sentences("calibration"))
+    for s in stats.values():  # JAX dispatches asynchronously: wait, so the time is honest
+        np.asarray(s.count)
+    return stats
 
 
 def format_table(rows: Sequence[DemoRow], backend: str | None = None) -> str:
     """A plain-text table of :func:`run`'s rows (Markdown-compatible)."""
     head = ("setting", "linear weights", "compression", "model", "mean cos", "min cos",
-            "same NN", "time / batch")
+            "same NN", "time / batch", "calibration")
     body = [
         (
             r.setting, format_bytes(r.linear_bytes), f"{r.compression:.2f}x",
             format_bytes(r.model_bytes), f"{r.mean_cosine:.5f}", f"{r.min_cosine:.5f}",
             f"{'yes' if r.same_neighbours else 'no'} ({r.neighbours_kept}/{r.n_sentences})",
             _fmt_time(r.seconds_per_batch),
+            "-" if r.calibration_seconds is None else f"{r.calibration_seconds:.1f} s",
         )
         for r in rows
     ]
@@ -238,7 +295,8 @@ def format_table(rows: Sequence[DemoRow], backend: str | None = None) -> str:
     if rows:
         n = rows[0].n_sentences
         note = (f"{n} sentences per batch; cosines against the float32 embeddings; same NN: "
-                "sentences whose nearest neighbour is unchanged")
+                "sentences whose nearest neighbour is unchanged; calibration: recording the "
+                "activation statistics on 64 other sentences, then quantizing")
         if backend:
             note += f"; backend {backend}"
         out.append("")
