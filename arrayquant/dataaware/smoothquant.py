@@ -27,15 +27,15 @@ to :func:`smooth_scales`, and the result as ``scales=``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from arrayquant._backend import compute_dtype, namespace
-from arrayquant.affine import qparams_from_range, quantize
+from arrayquant.affine import quantize
 from arrayquant.dataaware.layout import check_stats, weight_layout
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.qtypes import as_qtype
-from arrayquant.stats import LayerStats
+from arrayquant.stats import LayerStats, activation_qparams
 
 __all__ = ["SmoothQuant", "smooth_scales", "smoothquant", "static_act_params"]
 
@@ -113,19 +113,14 @@ def static_act_params(stats, in_scale, act_dtype="int8", act_symmetric: bool = F
     if not isinstance(stats, LayerStats):
         raise TypeError(f"static_act_params needs arrayquant.LayerStats; got "
                         f"{type(stats).__name__}")
-    xp = namespace(stats.sum, in_scale)
-    lo, hi = stats.min, stats.max
-    cdt = compute_dtype(xp, "float32" if in_scale is None else in_scale.dtype)
-    if in_scale is not None:
-        if tuple(in_scale.shape) != (stats.features,):
-            raise ValueError(f"static_act_params in_scale of shape {tuple(in_scale.shape)}: "
-                             f"expected ({stats.features},)")
-        # float32 ranges times float32 factors: exact in float64, so rounding the product
-        # to float32 gives the same bits as a float32 product (NumPy = JAX).
-        m = xp.astype(in_scale, lo.dtype)
-        lo, hi = lo * m, hi * m
-    return qparams_from_range(xp.astype(xp.min(lo), cdt), xp.astype(xp.max(hi), cdt),
-                              act_dtype, act_symmetric)
+    if in_scale is not None and tuple(in_scale.shape) != (stats.features,):
+        raise ValueError(f"static_act_params in_scale of shape {tuple(in_scale.shape)}: "
+                         f"expected ({stats.features},)")
+    # The per-feature ranges scaled (exact in float64 for float32 ranges and factors),
+    # then the min/max range of activation_qparams: one set of formulas for both.
+    scaled = stats if in_scale is None else stats.scaled(in_scale)
+    return activation_qparams(replace(scaled, range_min=None, range_max=None), act_dtype,
+                              act_symmetric)
 
 
 def smoothquant(w, stats, *, alpha: float = 0.5, dtype="int8", symmetric: bool = True,
