@@ -96,6 +96,8 @@ class DemoRow:
     seconds_per_batch: float
     #: Data-aware settings: seconds to record the statistics and quantize; else None.
     calibration_seconds: float | None = None
+    #: Mean cosine on the 100 held-out sentences of the package data (None: not run).
+    heldout_mean_cosine: float | None = None
 
     @property
     def compression(self) -> float:
@@ -177,6 +179,7 @@ def run(
     sentences: Sequence[str] | None = None,
     settings: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    heldout_check: bool = True,
 ) -> list[DemoRow]:
     """Quantize all-MiniLM-L6-v2 in each setting and compare it with float32.
 
@@ -188,6 +191,9 @@ def run(
         settings: names from :data:`SETTINGS` (default all); ``float32`` is always
             computed, as the reference.
         log: called with a short line as each setting starts (e.g. ``print``).
+        heldout_check: also embed the package's 100 held-out sentences once per
+            setting and report their mean cosine (neither these nor the evaluation
+            sentences are used to calibrate).
 
     Returns:
         one :class:`DemoRow` per setting, float32 first.
@@ -210,12 +216,17 @@ def run(
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     params = minilm.load_params()
     tokens = minilm.tokenize(minilm.DEMO_SENTENCES if sentences is None else sentences)
+    heldout = None
+    if heldout_check:
+        from arrayquant.apps.models.minilm_calibration import load_sentences
+
+        heldout = minilm.tokenize(load_sentences("heldout"))
     linear_paths = [p for p in params if Rule(include=LINEAR_WEIGHTS).matches(
         p, params[p].shape, params[p].dtype)]
     float_linear = sum(params[p].nbytes for p in linear_paths)
 
     rows: list[DemoRow] = []
-    reference = ref_nn = None
+    reference = ref_nn = ref_held = None
     stats = stats_seconds = None
     for name in names:
         quant, act = SETTINGS[name]
@@ -236,8 +247,9 @@ def run(
             qparams = params if quant is None else quantize_tree(params, weight_rules(**quant))
         linear = aq_linear if act is None else functools.partial(aq_linear, **act)
         emb, seconds = _time(_runner(backend, qparams, tokens, linear), repeats)
+        held = None if heldout is None else _runner(backend, qparams, heldout, linear)()
         if reference is None:
-            reference, ref_nn = emb, _nearest(emb)
+            reference, ref_nn, ref_held = emb, _nearest(emb), held
         cos = _cosines(emb, reference)
         rows.append(DemoRow(
             setting=name,
@@ -250,6 +262,8 @@ def run(
             n_sentences=len(emb),
             seconds_per_batch=seconds,
             calibration_seconds=calibration,
+            heldout_mean_cosine=None if held is None else float(np.mean(_cosines(held,
+                                                                                ref_held))),
         ))
     return rows
 
@@ -264,7 +278,7 @@ def _calibration_stats(params):
 def format_table(rows: Sequence[DemoRow], backend: str | None = None) -> str:
     """A plain-text table of :func:`run`'s rows (Markdown-compatible)."""
     head = ("setting", "linear weights", "compression", "model", "mean cos", "min cos",
-            "same NN", "time / batch", "calibration")
+            "same NN", "time / batch", "calibration", "held-out mean cos")
     body = [
         (
             r.setting, format_bytes(r.linear_bytes), f"{r.compression:.2f}x",
@@ -272,6 +286,7 @@ def format_table(rows: Sequence[DemoRow], backend: str | None = None) -> str:
             f"{'yes' if r.same_neighbours else 'no'} ({r.neighbours_kept}/{r.n_sentences})",
             _fmt_time(r.seconds_per_batch),
             "-" if r.calibration_seconds is None else f"{r.calibration_seconds:.1f} s",
+            "-" if r.heldout_mean_cosine is None else f"{r.heldout_mean_cosine:.5f}",
         )
         for r in rows
     ]
@@ -286,7 +301,8 @@ def format_table(rows: Sequence[DemoRow], backend: str | None = None) -> str:
         n = rows[0].n_sentences
         note = (f"{n} sentences per batch; cosines against the float32 embeddings; same NN: "
                 "sentences whose nearest neighbour is unchanged; calibration: recording the "
-                "activation statistics on 64 other sentences, then quantizing")
+                "activation statistics on 64 other sentences, then quantizing; held-out: "
+                "100 more sentences, used for nothing else")
         if backend:
             note += f"; backend {backend}"
         out.append("")
