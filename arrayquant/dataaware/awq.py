@@ -240,7 +240,8 @@ def awq_scales(w_or_ws, stats, dtype, *, group_size=None, axis=None, group_axis=
     Raises:
         TypeError: ``stats`` is not LayerStats. ValueError: a weight that is not 2-D
             or does not fit the statistics; an unsupported granularity; a search
-            setting out of range; statistics without the Gram matrix.
+            setting out of range; statistics without the Gram matrix; eager only:
+            statistics with no rows, or with NaN or inf.
 
     Example:
         >>> import numpy as np, arrayquant as aq

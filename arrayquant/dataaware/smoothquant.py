@@ -153,7 +153,8 @@ def smoothquant(w, stats, *, alpha: float = 0.5, dtype="int8", symmetric: bool =
     Raises:
         TypeError: ``stats`` not LayerStats. ValueError: ``alpha`` outside
             ``[0, 1]``; an unsupported granularity (see :func:`arrayquant.quantize`);
-            ``scales`` of the wrong shape; as :func:`arrayquant.quantize`.
+            ``scales`` of the wrong shape; as :func:`arrayquant.quantize`; eager
+            only: statistics with no rows, or with NaN or inf.
     """
     what = "smoothquant"
     _check_in_axis(in_axis, what)
