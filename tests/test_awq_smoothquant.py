@@ -477,3 +477,19 @@ def test_statistics_without_rows_or_with_nan_are_refused(method):
         run(empty)
     with pytest.raises(ValueError, match="statistics hold NaN or inf"):
         run(nan)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, 1e-39])
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_given_scales_must_be_positive_and_finite(method, bad):
+    """in_scale = 1 / s: a zero, inf or subnormal s gave NaN products (and a weight that
+    save refuses); a negative one a weight that save refuses."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((4, 16)).astype(np.float32)
+    stats = record(rng.standard_normal((30, 16)).astype(np.float32))
+    s = np.ones(16, np.float32)
+    s[3] = bad
+    run = {"awq": lambda: awq(w, stats, "int4", group_size=8, scales=s),
+           "smoothquant": lambda: smoothquant(w, stats, scales=s)}[method]
+    with pytest.raises(ValueError, match=f"{method} scales.*positive"):
+        run()

@@ -57,6 +57,7 @@ from arrayquant.dataaware.layout import (
     block_loss,
     block_ranges,
     canonical,
+    check_scales,
     check_stats,
     clip_shrink,
     fake_quantize,
@@ -318,6 +319,7 @@ def awq(w, stats, dtype, *, group_size=None, axis=None, group_axis=None,
             raise ValueError(f"{what} scales of shape {tuple(getattr(scales, 'shape', ()))}: "
                              f"expected ({lay.k},), one factor per input feature")
         scales = xp.astype(scales, cdt)
+        check_scales(scales, what, xp)
     wc = canonical(w, lay, xp)
     s, (lo, hi) = _search([wc], [lay], h, xp.astype(stats.abs_mean, cdt), q, xp, scales)
     in_scale = 1.0 / s

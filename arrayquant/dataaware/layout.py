@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arrayquant._backend import compute_dtype, dtype_name, namespace
+from arrayquant._backend import compute_dtype, dtype_name, finfo_limits, namespace
 from arrayquant.affine import dequantize_with, qparams_from_range, quantize_with
 from arrayquant.affine.checks import eager
 from arrayquant.blocking import Blocking, normalize_axis, plan
@@ -26,7 +26,7 @@ from arrayquant.qarray import QArray
 from arrayquant.stats import LayerStats
 
 __all__ = ["WeightLayout", "block_loss", "block_ranges", "canonical", "check_recorded",
-           "check_stats",
+           "check_scales", "check_stats",
            "clip_shrink", "fake_quantize", "hessian_blocks", "quantize_blocks",
            "weight_layout"]
 
@@ -113,6 +113,16 @@ def check_recorded(stats, what: str) -> None:
     if eager(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays]))) == 0.0:
         raise ValueError(f"{what}: the input statistics hold NaN or inf (the calibration "
                          "activations had NaN or inf, or overflowed the accumulation dtype)")
+
+
+def check_scales(s, what: str, xp) -> None:
+    """Eager only: ValueError unless every given factor ``s`` is finite and at least the
+    smallest normal number of its dtype (so ``in_scale = 1 / s`` is finite)."""
+    ok = (s >= finfo_limits(s.dtype)[0]) & xp.isfinite(s)
+    if eager(xp.all(ok)) == 0.0:
+        raise ValueError(f"{what} scales: every factor must be positive and finite, with a "
+                         "finite reciprocal (in_scale = 1 / s); got zero, negative, NaN, inf "
+                         "or subnormal entries")
 
 
 def canonical(w, lay: WeightLayout, xp):
