@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from arrayquant._backend import dtype_name, namespace
+from arrayquant._backend import compute_dtype, dtype_name, finfo_limits, namespace
 from arrayquant.qarray import QArray
 from arrayquant.qtypes import as_qtype
 
@@ -176,29 +176,33 @@ class LinearWeight:
 def transform_input(x, lw: LinearWeight, xp):
     """``x`` as the codes see it: features gathered by ``perm``, times ``in_scale``.
 
-    ``x`` has its features along the last axis, in the original order.
+    ``x`` has its features along the last axis, in the original order. With
+    ``in_scale``, the product is in ``x``'s compute dtype (float32 for float16 and
+    bfloat16 ``x``, whose range and precision ``in_scale`` may exceed).
     """
     if lw.perm is not None:
         x = xp.take(x, lw.perm, axis=len(x.shape) - 1)
     if lw.in_scale is not None:
-        x = x * xp.astype(lw.in_scale, x.dtype)
+        cdt = compute_dtype(xp, x.dtype)
+        x = xp.astype(x, cdt, copy=False) * xp.astype(lw.in_scale, cdt)
     return x
 
 
 def weight_from_stored(q, lw: LinearWeight, xp):
     """The represented weight from ``q``, the dequantized stored one (same dtype as ``q``).
 
-    Multiplied by ``in_scale`` along the input axis (saturated to the dtype's finite
-    range, never inf), then put back into the original input order.
+    Multiplied by ``in_scale`` along the input axis (in the compute dtype, then
+    saturated to ``q``'s finite range, never inf), then put back into the original
+    input order.
     """
-    from arrayquant._backend import finfo_limits
-
     ax = lw.in_axis
     if lw.in_scale is not None:
-        m = xp.astype(lw.in_scale, q.dtype)
-        q = q * (m[None, :] if ax == 1 else m[:, None])
+        # In the compute dtype: in_scale may not fit a float16 q (SmoothQuant's 1e5).
+        cdt = compute_dtype(xp, q.dtype)
+        m = xp.astype(lw.in_scale, cdt)
+        qc = xp.astype(q, cdt) * (m[None, :] if ax == 1 else m[:, None])
         big = finfo_limits(q.dtype)[1]
-        q = xp.clip(q, -big, big)
+        q = xp.astype(xp.clip(qc, -big, big), q.dtype)
     if lw.perm is not None:
         q = xp.take(q, xp.argsort(lw.perm), axis=ax)
     return q

@@ -450,3 +450,46 @@ def test_bias_correction_jax_and_errors():
     lw = awq(w, record(x), "int4", group_size=16, **TINY)
     with pytest.raises(ValueError, match="in_axis"):
         corrected_bias(w, lw, record(x), in_axis=0)
+
+
+def _no_rows_and_nan_stats(k):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, k)).astype(np.float32)
+    empty = record(x, row_mask=np.zeros(40))  # every row masked out: count 0
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    return empty, record(bad)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq_gptq", "smoothquant", "static",
+                                    "bias"])
+def test_statistics_without_rows_or_with_nan_are_refused(method):
+    """Not a zeroed weight (GPTQ: every input 'dead'), NaN biases, s = 1 or a range error."""
+    w = np.random.default_rng(12).standard_normal((6, 16)).astype(np.float32)
+    run = {"gptq": lambda s: aq.gptq(w, s, "int4", group_size=8),
+           "awq": lambda s: awq(w, s, "int4", group_size=8),
+           "awq_gptq": lambda s: awq(w, s, "int4", group_size=8, inner=aq.GPTQ()),
+           "smoothquant": lambda s: smoothquant(w, s),
+           "static": lambda s: smoothquant(w, s, static=True),
+           "bias": lambda s: corrected_bias(w, aq.quantize(w, "int4"), s)}[method]
+    empty, nan = _no_rows_and_nan_stats(16)
+    with pytest.raises(ValueError, match="no rows"):
+        run(empty)
+    with pytest.raises(ValueError, match="statistics hold NaN or inf"):
+        run(nan)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.inf, 1e-39])
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_given_scales_must_be_positive_and_finite(method, bad):
+    """in_scale = 1 / s: a zero, inf or subnormal s gave NaN products (and a weight that
+    save refuses); a negative one a weight that save refuses."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((4, 16)).astype(np.float32)
+    stats = record(rng.standard_normal((30, 16)).astype(np.float32))
+    s = np.ones(16, np.float32)
+    s[3] = bad
+    run = {"awq": lambda: awq(w, stats, "int4", group_size=8, scales=s),
+           "smoothquant": lambda: smoothquant(w, stats, scales=s)}[method]
+    with pytest.raises(ValueError, match=f"{method} scales.*positive"):
+        run()

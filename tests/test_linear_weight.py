@@ -214,3 +214,29 @@ def test_sharding_like_replicates_the_input_state():
     assert sh.act_scale is None
     out = jax.device_put(jax.tree.map(jnp.asarray, lw), sh)
     np.testing.assert_array_equal(np.asarray(aq.dequantize(out)), aq.dequantize(lw))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_input_state_is_applied_in_float32(backend, call, dtype):
+    """in_scale beyond float16's range (SmoothQuant's s floor gives 1e5) or not exact in
+    bfloat16 multiplies x (and the stored weight) in float32: no inf/NaN, no extra error."""
+    if dtype == "bfloat16" and backend.name not in ("numpy", "jax"):
+        pytest.skip("bfloat16 on NumPy (ml_dtypes) and JAX")
+    w, s, perm = _parts(6)
+    s = s.copy()
+    s[0] = 1e5   # 1 / SmoothQuant's floor of s: inf in float16
+    s[1] = 1.1   # not a bfloat16 number
+    lw = _make(backend, w, s, perm, group=None)
+    xn = np.random.default_rng(7).standard_normal((4, K)).astype(np.float32)
+    x = backend.asarray(xn, dtype)
+    x64 = backend.to_numpy(x).astype(np.float64)
+    y = call(aq.linear)(x, lw)
+    assert str(y.dtype).endswith("float32")  # x's dtype with the float32 weight's
+    wd = backend.to_numpy(aq.dequantize(lw)).astype(np.float64)
+    np.testing.assert_allclose(backend.to_numpy(y).astype(np.float64), x64 @ wd.T, rtol=1e-5,
+                               atol=1e-3 * np.abs(x64 @ wd.T).max())
+    # the stored weight in half precision: the represented weight stays finite
+    lwh = LinearWeight(aq.quantize(backend.asarray(w[:, perm] / s, dtype), "int8", axis=0),
+                       in_scale=lw.in_scale, perm=lw.perm)
+    wh = backend.to_numpy(call(aq.dequantize)(lwh)).astype(np.float64)
+    assert np.isfinite(wh).all()

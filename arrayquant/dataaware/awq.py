@@ -57,6 +57,7 @@ from arrayquant.dataaware.layout import (
     block_loss,
     block_ranges,
     canonical,
+    check_scales,
     check_stats,
     clip_shrink,
     fake_quantize,
@@ -240,7 +241,8 @@ def awq_scales(w_or_ws, stats, dtype, *, group_size=None, axis=None, group_axis=
     Raises:
         TypeError: ``stats`` is not LayerStats. ValueError: a weight that is not 2-D
             or does not fit the statistics; an unsupported granularity; a search
-            setting out of range; statistics without the Gram matrix.
+            setting out of range; statistics without the Gram matrix; eager only:
+            statistics with no rows, or with NaN or inf.
 
     Example:
         >>> import numpy as np, arrayquant as aq
@@ -317,6 +319,7 @@ def awq(w, stats, dtype, *, group_size=None, axis=None, group_axis=None,
             raise ValueError(f"{what} scales of shape {tuple(getattr(scales, 'shape', ()))}: "
                              f"expected ({lay.k},), one factor per input feature")
         scales = xp.astype(scales, cdt)
+        check_scales(scales, what, xp)
     wc = canonical(w, lay, xp)
     s, (lo, hi) = _search([wc], [lay], h, xp.astype(stats.abs_mean, cdt), q, xp, scales)
     in_scale = 1.0 / s

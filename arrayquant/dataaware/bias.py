@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from arrayquant._backend import compute_dtype, namespace
 from arrayquant.affine import dequantize
+from arrayquant.dataaware.layout import check_recorded
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.qarray import QArray
 from arrayquant.stats import LayerStats
@@ -44,7 +45,7 @@ def corrected_bias(w, qw, stats, bias=None, *, in_axis: int = 1):
     Raises:
         TypeError: ``qw`` not a QArray / LinearWeight; ``stats`` not LayerStats.
         ValueError: shapes that do not agree; ``in_axis`` not 0 or 1, or not the
-            LinearWeight's.
+            LinearWeight's; eager only: statistics with no rows, or with NaN or inf.
 
     Example:
         >>> import numpy as np, arrayquant as aq
@@ -78,6 +79,7 @@ def corrected_bias(w, qw, stats, bias=None, *, in_axis: int = 1):
     if stats.features != k:
         raise ValueError(f"corrected_bias: the statistics have {stats.features} features, "
                          f"the weight {k} inputs")
+    check_recorded(stats, "corrected_bias")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"corrected_bias: bias of shape {tuple(bias.shape)}; expected ({n},)")
     xp = namespace(w, stats.sum, bias)

@@ -60,6 +60,7 @@ from arrayquant.dataaware.gptq_core import (
     run_columns,
     slab_params,
 )
+from arrayquant.dataaware.layout import check_recorded
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.packing import pack
 from arrayquant.qarray import QArray
@@ -161,6 +162,7 @@ def _hessian_of(stats, k: int):
         if stats.gram is None:
             raise ValueError("GPTQ needs the input Gram matrix; these LayerStats were "
                              "recorded with gram=False (record with gram=True)")
+        check_recorded(stats, "GPTQ")
         h, what = stats.gram, "stats.gram"
     elif hasattr(stats, "shape") and hasattr(stats, "dtype"):
         h, what = stats, "the Hessian"
@@ -271,7 +273,8 @@ def gptq(w, stats, dtype, *, group_size=None, axis=None, symmetric=False, in_axi
         ValueError: ``w`` not 2-D; a Hessian not ``(in, in)`` or recorded without
             the Gram matrix; ``axis`` not None or the output axis; ``axis`` with
             ``group_size``; a bad setting; eager only: NaN or inf in ``w`` or the
-            Hessian, or a damped Hessian that is not positive definite.
+            Hessian, or a damped Hessian that is not positive definite; LayerStats
+            with no rows (count 0).
 
     Example:
         >>> import numpy as np, arrayquant as aq

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arrayquant._backend import compute_dtype, dtype_name
+from arrayquant._backend import compute_dtype, dtype_name, finfo_limits, namespace
 from arrayquant.affine import dequantize_with, qparams_from_range, quantize_with
+from arrayquant.affine.checks import eager
 from arrayquant.blocking import Blocking, normalize_axis, plan
 from arrayquant.packing import pack
 from arrayquant.qarray import QArray
 from arrayquant.stats import LayerStats
 
-__all__ = ["WeightLayout", "block_loss", "block_ranges", "canonical", "check_stats",
+__all__ = ["WeightLayout", "block_loss", "block_ranges", "canonical", "check_recorded",
+           "check_scales", "check_stats",
            "clip_shrink", "fake_quantize", "hessian_blocks", "quantize_blocks",
            "weight_layout"]
 
@@ -97,6 +99,30 @@ def check_stats(stats, k: int, what: str, gram: bool) -> None:
     if gram and stats.gram is None:
         raise ValueError(f"{what} needs the input Gram matrix; record the statistics with "
                          "gram=True")
+    check_recorded(stats, what)
+
+
+def check_recorded(stats, what: str) -> None:
+    """Eager only (skipped under a trace): ValueError when ``stats`` hold no rows (every
+    mean is 0 / 0) or NaN / inf in the Gram matrix, sums or per-feature maxima."""
+    xp = namespace(stats.sum)
+    if eager(stats.count) == 0.0:
+        raise ValueError(f"{what}: the input statistics hold no rows (count 0: every row "
+                         "was masked out, or only empty batches were recorded)")
+    arrays = [a for a in (stats.gram, stats.sum, stats.abs_sum, stats.abs_max) if a is not None]
+    if eager(xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays]))) == 0.0:
+        raise ValueError(f"{what}: the input statistics hold NaN or inf (the calibration "
+                         "activations had NaN or inf, or overflowed the accumulation dtype)")
+
+
+def check_scales(s, what: str, xp) -> None:
+    """Eager only: ValueError unless every given factor ``s`` is finite and at least the
+    smallest normal number of its dtype (so ``in_scale = 1 / s`` is finite)."""
+    ok = (s >= finfo_limits(s.dtype)[0]) & xp.isfinite(s)
+    if eager(xp.all(ok)) == 0.0:
+        raise ValueError(f"{what} scales: every factor must be positive and finite, with a "
+                         "finite reciprocal (in_scale = 1 / s); got zero, negative, NaN, inf "
+                         "or subnormal entries")
 
 
 def canonical(w, lay: WeightLayout, xp):

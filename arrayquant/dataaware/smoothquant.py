@@ -32,7 +32,7 @@ from typing import ClassVar
 
 from arrayquant._backend import compute_dtype, namespace
 from arrayquant.affine import quantize
-from arrayquant.dataaware.layout import check_stats, weight_layout
+from arrayquant.dataaware.layout import check_scales, check_stats, weight_layout
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.qtypes import as_qtype
 from arrayquant.stats import LayerStats, activation_qparams
@@ -153,7 +153,8 @@ def smoothquant(w, stats, *, alpha: float = 0.5, dtype="int8", symmetric: bool =
     Raises:
         TypeError: ``stats`` not LayerStats. ValueError: ``alpha`` outside
             ``[0, 1]``; an unsupported granularity (see :func:`arrayquant.quantize`);
-            ``scales`` of the wrong shape; as :func:`arrayquant.quantize`.
+            ``scales`` of the wrong shape; as :func:`arrayquant.quantize`; eager
+            only: statistics with no rows, or with NaN or inf.
     """
     what = "smoothquant"
     _check_in_axis(in_axis, what)
@@ -171,6 +172,7 @@ def smoothquant(w, stats, *, alpha: float = 0.5, dtype="int8", symmetric: bool =
             raise ValueError(f"{what} scales of shape {tuple(getattr(scales, 'shape', ()))}: "
                              f"expected ({lay.k},), one factor per input feature")
         s = xp.astype(scales, cdt)
+        check_scales(s, what, xp)
     m = s[None, :] if in_axis == 1 else s[:, None]
     ws = xp.astype(xp.astype(w, cdt) * m, w.dtype)
     ga = in_axis if group_axis is None else group_axis

@@ -88,6 +88,7 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
     lead = x_shape[:-1]
     m = math.prod(lead)
     act = None
+    x_dtype = x.dtype  # the output's, also when in_scale is applied in float32
     if lw is not None:
         x = transform_input(x, lw, xp)
         if act_dtype is None and lw.act_qtype is not None:
@@ -105,7 +106,7 @@ def _product(x, w, bias, act_dtype, act_symmetric, formulation, kn: bool):
             act = replace(one, codes=one.codes[:0, ...], scale=one.scale[:0, ...],
                           zero_point=None if one.zero_point is None else one.zero_point[:0, ...])
         x_is_q = True
-    odt = out_dtype(xp, x.dtype, w.dtype)  # a QArray's dtype is its original one
+    odt = out_dtype(xp, x_dtype, w.dtype)  # a QArray's dtype is its original one
 
     if not w_is_q:
         xf = dequantize(x) if isinstance(x, QArray) else x  # an empty x stays as it is
