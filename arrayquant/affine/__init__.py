@@ -367,13 +367,13 @@ def quantize(
     sub_byte = qt.bits < 8 and len(b.shape) > batch_axes
     s, z, codes, packed = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp, method,
                                              packed=sub_byte)
-    return _make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes, packed)
+    return make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes, packed)
 
 
-def _make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, nb: int,
+def make_qarray(codes, s, z, qt: QType, b: Blocking, orig_dtype: str, nb: int,
                  packed: bool = False) -> QArray:
-    """The container, with the storage rule: sub-byte codes packed along the last axis
-    (``packed``: already packed that way while quantizing)."""
+    """Every QArray producer's container, with THE storage rule: sub-byte codes packed
+    along the last axis (``packed``: already packed that way while quantizing)."""
     packed_axis = None
     item, block = b.shape[nb:], b.block[nb:]
     if qt.bits < 8 and len(item) > 0:

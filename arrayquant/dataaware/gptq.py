@@ -48,6 +48,7 @@ from arrayquant._backend import (
     is_jax,
     namespace,
 )
+from arrayquant.affine import make_qarray
 from arrayquant.affine.calibrate import MinMax
 from arrayquant.affine.checks import check_float_input, eager, raise_if_not_finite
 from arrayquant.affine.params import check_symmetric, store_zero_point
@@ -63,7 +64,6 @@ from arrayquant.dataaware.gptq_core import (
 from arrayquant.dataaware.layout import check_recorded
 from arrayquant.linear_weight import LinearWeight
 from arrayquant.packing import pack
-from arrayquant.qarray import QArray
 from arrayquant.qtypes import QTYPE_NAMES, as_qtype
 from arrayquant.stats.layer import LayerStats, accumulation_dtype
 
@@ -299,8 +299,7 @@ def gptq(w, stats, dtype, *, group_size=None, axis=None, symmetric=False, in_axi
                          "gptq_codes gives the codes of other bit widths")
     packed = qt.bits < 8
     data, s, z, perm = _solve(w, h, xp, replace(setup, pack=packed))
-    qa = QArray(data, s, z, qt.name, tuple(w.shape), dtype_name(w.dtype), blocking.block,
-                1 if packed else None)
+    qa = make_qarray(data, s, z, qt, blocking, dtype_name(w.dtype), 0, packed=packed)
     return qa if perm is None else LinearWeight(qa, perm=perm, in_axis=in_axis)
 
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arrayquant._backend import compute_dtype, dtype_name, finfo_limits, namespace
-from arrayquant.affine import dequantize_with, qparams_from_range, quantize_with
+from arrayquant.affine import dequantize_with, make_qarray, qparams_from_range, quantize_with
 from arrayquant.affine.checks import eager
 from arrayquant.blocking import Blocking, normalize_axis, plan
-from arrayquant.packing import pack
 from arrayquant.qarray import QArray
 from arrayquant.stats import LayerStats
 
@@ -204,9 +203,5 @@ def quantize_blocks(wc, lo, hi, lay: WeightLayout, qt, symmetric, scale_dtype, o
     if lay.in_axis == 0:
         codes, s = xp.permute_dims(codes, (1, 0)), xp.permute_dims(s, (1, 0))
         z = None if z is None else xp.permute_dims(z, (1, 0))
-    packed_axis = None
-    if qt.bits < 8:
-        codes, packed_axis = pack(codes, qt.bits, axis=1, signed=qt.signed), 1
-    return QArray(codes, s, z, qt.name, lay.shape, dtype_name(orig_dtype), lay.blocking.block,
-                  packed_axis)
+    return make_qarray(codes, s, z, qt, lay.blocking, dtype_name(orig_dtype), 0)
 
