@@ -225,3 +225,16 @@ def test_lsq_init_minmax_starts_at_fake_quantize_and_errors_are_clear():
         aq.fake_quantize_with(x, s, None, "uint4", group_size=4)
     with pytest.raises(ValueError, match="init"):
         aq.lsq_init(x, init="lss")
+
+
+def test_lsq_per_tensor_activation_scale_is_a_0d_array():
+    """A static activation scale learned as one number (W8A8 QAT): 0-d scale and offset."""
+    x = jnp.asarray(_x((5, 8)) * 3)
+    s, zp = jnp.asarray(0.02, jnp.float32), jnp.asarray(-3.0, jnp.float32)
+    y = aq.fake_quantize_with(x, s, zp, "int8")
+    gs, gz = jax.grad(lambda s, z: jnp.sum(aq.fake_quantize_with(x, s, z, "int8") ** 2),
+                      (0, 1))(s, zp)
+    assert gs.shape == () and gz.shape == () and float(gs) != 0 and float(gz) != 0
+    ref = aq.dequantize_with(aq.quantize_with(np.asarray(x), np.asarray(s), np.asarray(zp,
+                                              np.int8)), np.asarray(s), np.asarray(zp, np.int8))
+    np.testing.assert_array_equal(np.asarray(y), ref)
