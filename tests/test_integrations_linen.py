@@ -58,7 +58,7 @@ def hand_forward(p, x, act_dtype):
 def setup():
     x = jax.random.normal(jax.random.key(1), (4, 16))
     # NumPy leaves: quantize_params then runs on NumPy (fast, no per-op dispatch)
-    params = jax.tree.map(np.asarray, MODEL.init(jax.random.key(0), x)["params"])
+    params = jax.tree.map(np.asarray, jax.jit(MODEL.init)(jax.random.key(0), x)["params"])
     return params, x
 
 
@@ -81,11 +81,21 @@ def test_quantized_apply_equals_hand_written_matmul(setup, case):
 
 def test_init_unaffected_and_float_layers_unchanged(setup):
     params, x = setup
-    with aql.quantized(act_dtype="int8"):
-        again = MODEL.init(jax.random.key(0), x)["params"]
-        y = MODEL.apply({"params": params}, x)  # no QArray: every layer runs itself
-    jax.tree.map(np.testing.assert_array_equal, again, params)
-    np.testing.assert_array_equal(y, MODEL.apply({"params": params}, x))
+
+    def init_inside(key):
+        with aql.quantized(act_dtype="int8"):
+            return MODEL.init(key, x)
+
+    key = jax.random.key(0)
+    assert jax.eval_shape(init_inside, key) == jax.eval_shape(MODEL.init, key, x)
+
+    def both(p):  # no QArray: every layer runs itself
+        with aql.quantized(act_dtype="int8"):
+            inside = MODEL.apply({"params": p}, x)
+        return inside, MODEL.apply({"params": p}, x)
+
+    inside, outside = jax.jit(both)(params)
+    np.testing.assert_array_equal(inside, outside)
 
 
 def test_nn_scan_with_stacked_kernels():
@@ -142,8 +152,15 @@ def _loss(params, x, act=None, rules=FQ_RULES):
         return jnp.mean(MODEL.apply({"params": params}, x) ** 2)
 
 
+def _float_loss(params, x):
+    return jnp.mean(MODEL.apply({"params": params}, x) ** 2)
+
+
+def _numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
 def test_fake_quantized_training_and_bit_exact_export(setup):
-    pytest.importorskip("arrayquant.training")
     optax = pytest.importorskip("optax")
     params, x = setup
     loss, grads = jax.jit(jax.value_and_grad(_loss))(params, x)
@@ -154,38 +171,50 @@ def test_fake_quantized_training_and_bit_exact_export(setup):
     # Symmetric min-max puts every weight inside the range: the straight-through
     # gradient is the float gradient at the fake-quantized kernels.
     deq = aq.dequantize_tree(aql.export(params, FQ_RULES))
-    want = jax.grad(lambda p: jnp.mean(MODEL.apply({"params": p}, x) ** 2))(deq)
+    want = jax.jit(jax.grad(_float_loss))(deq, x)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7),
                  grads, want)
 
-    opt = optax.adam(1e-2)
+    opt = optax.sgd(0.1)
     updates, _ = opt.update(grads, opt.init(params), params)
-    new = optax.apply_updates(params, updates)
+    new = _numpy(optax.apply_updates(params, updates))
     assert not np.array_equal(new["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
     # export: dequantize(QArray) == the kernel the training forward used, bit for bit,
-    # so the forward on the dequantized export is the fake-quantized forward exactly.
-    fwd = jax.jit(lambda p: MODEL.apply({"params": p}, x))
+    # so the float forward on the dequantized export is the fake-quantized forward exactly.
     with aql.fake_quantized(FQ_RULES):
         y_fake = jax.jit(lambda p: MODEL.apply({"params": p}, x))(new)
     exported = aql.export(new, FQ_RULES)
     assert exported["head"]["kernel"] is new["head"]["kernel"]
+    fwd = jax.jit(lambda p: MODEL.apply({"params": p}, x))
     np.testing.assert_array_equal(fwd(aq.dequantize_tree(exported)), y_fake)
     # ...and the real quantized product gives it up to the rounding of float sums
-    np.testing.assert_allclose(aql.apply(MODEL, {"params": exported}, x), y_fake,
-                               rtol=1e-5, atol=1e-6)
+    y_q = jax.jit(lambda p: aql.apply(MODEL, {"params": p}, x))(exported)
+    np.testing.assert_allclose(y_q, y_fake, rtol=1e-5, atol=1e-6)
 
 
 def test_fake_quantized_w8a8_matches_integer_product(setup):
-    pytest.importorskip("arrayquant.training")
     params, x = setup
     rules, act = CASES["W8A8"]
-    g = jax.grad(_loss)(params, x, act, rules)
+    g = jax.jit(jax.grad(_loss), static_argnums=(2, 3))(params, x, act, tuple(rules))
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
-    with aql.fake_quantized(rules, act_dtype=act):
-        y_fake = MODEL.apply({"params": params}, x)
-    y_int = aql.apply(MODEL, {"params": aql.export(params, rules)}, x, act_dtype=act)
+    assert float(jnp.max(jnp.abs(g["Dense_0"]["kernel"]))) > 0
+
+    def both(p, qp):
+        with aql.fake_quantized(rules, act_dtype=act):
+            y_fake = MODEL.apply({"params": p}, x)
+        return y_fake, aql.apply(MODEL, {"params": qp}, x, act_dtype=act)
+
+    y_fake, y_int = jax.jit(both)(params, aql.export(params, rules))
     np.testing.assert_allclose(y_int, y_fake, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_apply_with_numpy_qarrays(setup):
+    params, x = setup  # NumPy params and QArrays (as aq.load gives them), a JAX x
+    qp = aql.quantize_params(params, CASES["W8A16"][0])
+    y = aql.apply(MODEL, {"params": qp}, np.asarray(x))
+    want = jax.jit(lambda p, x: hand_forward(p, x, None))(qp, x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -199,7 +228,8 @@ def test_minilm_linen_equals_array_api_encode():
 
     raw = minilm.load_params()
     tokens = minilm.tokenize(list(minilm.DEMO_SENTENCES[:2]))
-    emb = minilm_flax.MiniLM().apply({"params": minilm_flax.to_linen_params(raw)}, **tokens)
+    emb = jax.jit(minilm_flax.MiniLM().apply)({"params": minilm_flax.to_linen_params(raw)},
+                                              **tokens)
     ref = minilm.encode(raw, tokens)  # NumPy
     assert emb.shape == (2, 384)
     np.testing.assert_allclose(emb, ref, atol=1e-5)

@@ -50,12 +50,14 @@ from __future__ import annotations
 import contextlib
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from arrayquant.affine.methods import is_data_aware
 from arrayquant.products import matmul
 from arrayquant.qtypes import as_qtype
+from arrayquant.training import fake_quantize
 from arrayquant.trees import as_rules, flatten_tree, is_quantized, quantize_tree, select_rule
 
 __all__ = ["apply", "export", "fake_quantized", "quantize_params", "quantized"]
@@ -143,13 +145,19 @@ def _bias(module):
     return _read(module, "bias") if module.use_bias else None
 
 
+def _as_jax(tree):
+    # NumPy leaves (aq.load, quantize_params on NumPy params) become JAX arrays, as Flax
+    # turns NumPy params into JAX arrays for its own layers; JAX arrays stay as they are.
+    return jax.tree.map(jnp.asarray, tree)
+
+
 def _quantized_forward(module, x, kernel, act_dtype, act_symmetric):
-    if module.dtype is not None:
-        x = jnp.asarray(x, module.dtype)
+    x = jnp.asarray(x, module.dtype)
+    kernel = _as_jax(kernel)
     y = matmul(x, kernel, act_dtype=act_dtype, act_symmetric=act_symmetric)
     bias = _bias(module)
     if bias is not None:
-        y = y + bias
+        y = y + jnp.asarray(bias)
     return y if module.dtype is None else y.astype(module.dtype)
 
 
@@ -204,8 +212,11 @@ def quantized(act_dtype=None, *, act_symmetric: bool = True):
     ``precision`` and ``dot_general`` settings do not apply to quantized
     products.
 
-    Works under ``jax.jit`` (enter the context inside or around the traced
-    function; it acts while tracing), and nests with :func:`fake_quantized`.
+    Works under ``jax.jit`` and nests with :func:`fake_quantized`. The
+    interceptor acts while JAX traces, so enter the context *inside* the
+    function you jit (as :func:`apply` does): a jitted function traced before
+    outside the context is reused from JAX's cache without it when the
+    arguments have the same structure.
 
     Raises:
         ValueError: an unknown ``act_dtype``; when applying, a quantized kernel
@@ -249,7 +260,9 @@ def fake_quantized(rules, act_dtype=None):
     token too (symmetric, one scale per row, as W8A8 does it).
 
     Layers no rule selects (or whose rule has ``dtype=None``) and quantized
-    kernels run unchanged, so this nests with :func:`quantized`. Under
+    kernels run unchanged, so this nests with :func:`quantized`. Enter it inside
+    the loss function you differentiate and jit (see :func:`quantized` on JAX's
+    trace cache). Under
     ``nn.scan`` each step sees one layer's kernel: give the rule
     ``batch_axes=1`` so that :func:`export` quantizes the stacked leaf layer by
     layer too.
@@ -259,8 +272,6 @@ def fake_quantized(rules, act_dtype=None):
         ValueError: a rule with a data-aware method (GPTQ, AWQ, ...: they need
             activation statistics, not gradients); an unknown ``act_dtype``.
     """
-    from arrayquant.training import fake_quantize
-
     rules = as_rules(rules)
     for r in rules:
         if r.dtype is not None and is_data_aware(r.method):
@@ -275,6 +286,7 @@ def fake_quantized(rules, act_dtype=None):
         if rule is None or rule.dtype is None:
             return None
         _check_layer(module, kernel, x, path)
+        kernel, x = jnp.asarray(kernel), jnp.asarray(x)  # JAX arrays: straight-through grads
         fq = fake_quantize(kernel, rule.dtype, rule.symmetric, rule.axis, rule.group_size,
                            rule.group_axis, scale_dtype=rule.scale_dtype, method=rule.method)
         if act_dtype is not None:
