@@ -24,7 +24,7 @@ Columns:
   outside the product's fusion, counted in bytes against the float32 bytes of the
   quantized kernels (100% = a full float-sized copy of every weight on every call),
   with the ops that produce them (from the HLO's op_name metadata);
-- agreement: max |y - y_float| for the MLP; mean (min) cosine to the float
+- agreement: max abs(y - y_float) for the MLP; mean (min) cosine to the float
   embeddings for MiniLM.
 """
 
@@ -167,7 +167,7 @@ def minilm_case(n_sentences: int):
 def agreement(kind: str, y, y_float) -> str:
     y, y_float = np.asarray(y, np.float64), np.asarray(y_float, np.float64)
     if kind.startswith("MLP"):
-        return f"max |dy| {np.max(np.abs(y - y_float)):.4f}"
+        return f"max abs diff {np.max(np.abs(y - y_float)):.4f}"
     cos = np.sum(y * y_float, -1) / np.linalg.norm(y, axis=-1) / np.linalg.norm(y_float, axis=-1)
     return f"cos {cos.mean():.5f} (min {cos.min():.5f})"
 
