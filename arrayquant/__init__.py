@@ -69,6 +69,7 @@ from arrayquant.stats import (
     collect_stats,
     merge_stats,
 )
+from arrayquant.training import fake_quantize, fake_quantize_with, lsq_init, quantize_learned
 from arrayquant.trees import (
     LeafReport,
     Rule,
@@ -128,6 +129,8 @@ __all__ = [
     "dequantize",
     "dequantize_tree",
     "dequantize_with",
+    "fake_quantize",
+    "fake_quantize_with",
     "from_high_nibble_first",
     "from_hqq",
     "from_planar",
@@ -135,6 +138,7 @@ __all__ = [
     "int32_safe_in_features",
     "linear",
     "load",
+    "lsq_init",
     "matmul",
     "max_abs_error",
     "merge_stats",
@@ -147,6 +151,7 @@ __all__ = [
     "quantize",
     "quantize_activations",
     "quantize_checkpoint",
+    "quantize_learned",
     "quantize_tree",
     "quantize_with",
     "save",

@@ -199,3 +199,11 @@ def run_on_host_devices(script: str, devices: int = 8) -> str:
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
+
+
+def skip_eager_jax(backend, covered_by: str = "jax-jit runs the same code") -> None:
+    """Skip a property test's eager-JAX run: eager JAX compiles every operation for every
+    new shape, so a hypothesis test there costs minutes of CI for code that jax-jit (and
+    the eager tests named in ``covered_by``) already run."""
+    if backend.name == "jax":
+        pytest.skip(f"eager JAX compiles each operation per shape; {covered_by}")

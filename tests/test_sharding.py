@@ -87,6 +87,16 @@ try:
               out_specs=P(None, "x"))(qms)
 except ValueError as e:
     out["misaligned_shard_map"] = str(e)
+# Fake quantization (QAT) of a weight split along in: values and STE gradient as unsharded.
+ws_ = jax.device_put(jnp.asarray(w), NamedSharding(mesh, P(None, "x")))
+fq = jax.jit(jax.value_and_grad(
+    lambda v: jnp.sum(aq.fake_quantize(v, "int4", group_size=32) ** 2)))
+val, grad = fq(ws_)
+ref = aq.dequantize(aq.quantize(w, "int4", group_size=32))
+out["fake"] = {"value": bool(np.isclose(float(val), float(np.sum(ref.astype(np.float64) ** 2)),
+                                        rtol=1e-5)),
+               "grad_equal": bool(np.array_equal(np.asarray(grad), 2 * ref)),
+               "grad_spec": list(grad.sharding.spec)}
 print(json.dumps(out))
 """
 
@@ -118,3 +128,5 @@ def test_sharded_qarrays_on_eight_devices():
     assert "would cut bytes of 2 codes" in out["bad_packed"]
     assert out["misaligned_jit_equal"]
     assert "Inside shard_map each shard must hold whole blocks" in out["misaligned_shard_map"]
+    assert out["fake"]["value"] and out["fake"]["grad_equal"], out["fake"]
+    assert out["fake"]["grad_spec"] == [None, "x"]

@@ -84,7 +84,7 @@ __all__ = [
 _USE_NUMPY_FAST_PATH = True
 
 
-def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp,
+def params_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, xp,
                        method=DEFAULT_METHOD, packed: bool = False):
     """``(scale, zero_point, codes, codes_are_packed)``; ``packed=True`` asks for codes
     packed along the last axis where that can be done while quantizing."""
@@ -110,7 +110,7 @@ def _qparams_and_codes(x, qt, symmetric, b: Blocking, scale_dtype, want_codes, x
     return s, z, codes, is_packed
 
 
-def _resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int = 0,
+def resolve(x, dtype, symmetric, axis, group_size, group_axis, batch_axes: int = 0,
              method=None):
     """Namespace, qtype and blocking; with ``batch_axes=k`` the granularity arguments
     refer to one item (the shape after the first ``k`` axes), and the blocking of the
@@ -206,12 +206,12 @@ def qparams(
         >>> round(float(s[0, 0]), 4), int(z[0, 0])
         (3.5788, -77)
     """
-    xp, qt, b, method = _resolve(x, dtype, symmetric, axis, group_size, group_axis, 0, method)
-    s, z, _, _ = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, False, xp, method)
+    xp, qt, b, method = resolve(x, dtype, symmetric, axis, group_size, group_axis, 0, method)
+    s, z, _, _ = params_and_codes(x, qt, symmetric, b, scale_dtype, False, xp, method)
     return s, z
 
 
-def _check_qparams(x_shape, scale, zero_point, group_size, group_axis) -> Blocking:
+def qparams_blocking(x_shape, scale, zero_point, group_size, group_axis) -> Blocking:
     if not hasattr(scale, "shape"):
         raise TypeError(f"scale must be an array, got {type(scale).__name__}")
     if not is_float_dtype(scale.dtype):
@@ -277,7 +277,7 @@ def quantize_with(
     xp = namespace(x, scale, zero_point)
     check_float_input(x, xp)
     qt = as_qtype(dtype)
-    b = _check_qparams(x.shape, scale, zero_point, group_size, group_axis)
+    b = qparams_blocking(x.shape, scale, zero_point, group_size, group_axis)
     if zero_point is None and not qt.signed:
         raise ValueError(
             f"zero_point=None (symmetric) needs a signed dtype: {qt.name} codes would clip "
@@ -319,7 +319,7 @@ def dequantize_with(
             "codes must be an integer array; got "
             + (f"dtype {dtype_name(codes.dtype)}" if hasattr(codes, "dtype") else repr(codes))
         )
-    b = _check_qparams(codes.shape, scale, zero_point, group_size, group_axis)
+    b = qparams_blocking(codes.shape, scale, zero_point, group_size, group_axis)
     out_dtype = compute_dtype(xp, scale.dtype) if dtype is None else float_dtype(xp, dtype)
     # No reciprocal here, and the result saturates: any normal finite scale is fine, as
     # long as the products stay normal in the compute dtype (XLA flushes subnormals).
@@ -362,10 +362,10 @@ def quantize(
         >>> float(np.max(np.abs(aq.dequantize(qa) - np.linspace(-1, 1, 8)))) < 0.1
         True
     """
-    xp, qt, b, method = _resolve(x, dtype, symmetric, axis, group_size, group_axis,
+    xp, qt, b, method = resolve(x, dtype, symmetric, axis, group_size, group_axis,
                                  batch_axes, method)
     sub_byte = qt.bits < 8 and len(b.shape) > batch_axes
-    s, z, codes, packed = _qparams_and_codes(x, qt, symmetric, b, scale_dtype, True, xp, method,
+    s, z, codes, packed = params_and_codes(x, qt, symmetric, b, scale_dtype, True, xp, method,
                                              packed=sub_byte)
     return make_qarray(codes, s, z, qt, b, dtype_name(x.dtype), batch_axes, packed)
 

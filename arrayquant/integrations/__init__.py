@@ -1,15 +1,18 @@
-"""Quantized layers for neural-network libraries: ``arrayquant.integrations.<library>``.
+"""Integrations with neural-network libraries (Flax Linen, Flax NNX, Equinox).
 
-Each submodule imports its library at the top and is imported only by the user
-(``import arrayquant`` loads none of them):
+Each submodule imports its framework at the top and is never imported by
+``import arrayquant``: import the one you use, e.g.
+``from arrayquant.integrations import linen``.
 
-- :mod:`arrayquant.integrations.equinox`: Equinox ``eqx.nn.Linear``;
-- :mod:`arrayquant.integrations.nnx`: Flax NNX ``nnx.Linear``.
+- :mod:`arrayquant.integrations.linen`: Flax Linen ``nn.Dense``, by method
+  interception on a params tree with QArray kernels;
+- :mod:`arrayquant.integrations.nnx`: Flax NNX ``nnx.Linear``, by module
+  replacement (the QArray kernel in a ``QuantizedParam`` Variable);
+- :mod:`arrayquant.integrations.equinox`: Equinox ``eqx.nn.Linear``, by
+  module replacement (the QArray weight a pytree child).
 
-Each gives ``quantize_model(model, rules)`` (real quantized products with
-:func:`arrayquant.linear` / :func:`arrayquant.matmul`, no float copy of a
-weight), ``fake_quantize_model(model, rules)`` (quantization-aware training
-with :func:`arrayquant.fake_quantize`) and ``export(model)`` (the trained
-model with integer weights whose dequantized values equal the fake-quantized
-ones bit for bit). See ``docs/frameworks.md``.
+NNX and Equinox give ``quantize_model(model, rules)`` (real quantized products,
+no float copy of a weight held by the model), ``fake_quantize_model(model,
+rules)`` (quantization-aware training with :func:`arrayquant.fake_quantize`)
+and ``export(model)``. See ``docs/frameworks.md``.
 """

@@ -64,20 +64,26 @@ def _signed_zero(z, qt):
     return z if qt.signed else z - (1 << (qt.bits - 1))
 
 
-def _pad_cols(a, length: int):
-    extra = length - a.shape[1]
-    return a if extra == 0 else jnp.pad(a, ((0, 0), (0, extra)))
-
-
 def _weight_operands(w, wp):
-    """(per, [(n, L_r) int8 fields]) with field r holding codes r, r + per, ... along k."""
+    """``(per, ka, [int8 fields])``: field r holds codes r, r + per, ... along k, which is
+    axis ``ka`` of each field: 1 in the (n, k) layout of ``linear``'s weights, 0 in the
+    stored (k, n) layout of ``matmul``'s. Contracting the stored axis, rather than a
+    transposed copy, keeps XLA:CPU on its int8 GEMM (a transposed int8 operand made it
+    convert the weight to int32 for a generic dot, 3-5x slower than float)."""
+    ka = 0 if wp.kn else 1
     if wp.packed_k and fields_fit(wp):
         per = wp.per_byte
         fields = _signed_fields(w.data, wp.qt.bits, wp.qt.signed)
-        fields = [f.T if wp.kn else f for f in fields]
-        return per, [f[:, : -(-(wp.k - r) // per)] for r, f in enumerate(fields) if r < wp.k]
-    codes = w.codes.T if wp.kn else w.codes
-    return 1, [_signed_codes(codes, wp.qt)]
+        lengths = [-(-(wp.k - r) // per) for r in range(min(per, wp.k))]
+        return per, ka, [f[:n] if wp.kn else f[:, :n] for f, n in zip(fields, lengths)]
+    return 1, ka, [_signed_codes(w.codes, wp.qt)]
+
+
+def _pad_axis(a, axis: int, length: int):
+    extra = length - a.shape[axis]
+    if extra == 0:
+        return a
+    return jnp.pad(a, [(0, extra if d == axis else 0) for d in range(a.ndim)])
 
 
 # Two XLA:GPU defects (JAX 0.11.2 on an H200; docs/inference.md) shape this function:
@@ -93,13 +99,12 @@ _INT8_DOT_K_MULTIPLE = 4
 
 
 def int8_dot(a, b, dims):
-    """``lax.dot_general`` of int8 operands into int32, contraction axis (the last of
-    both) zero-padded to a multiple of :data:`_INT8_DOT_K_MULTIPLE`, operands behind
+    """``lax.dot_general`` of int8 operands into int32, the contraction axis (one per
+    operand) zero-padded to a multiple of :data:`_INT8_DOT_K_MULTIPLE`, operands behind
     an optimization barrier (see the comment above)."""
-    extra = -a.shape[-1] % _INT8_DOT_K_MULTIPLE
-    if extra:
-        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
-        b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, extra)])
+    ((ca,), (cb,)), _ = dims
+    length = -(-a.shape[ca] // _INT8_DOT_K_MULTIPLE) * _INT8_DOT_K_MULTIPLE
+    a, b = _pad_axis(a, ca, length), _pad_axis(b, cb, length)
     a, b = lax.optimization_barrier((a, b))
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.int32)
 
@@ -112,24 +117,29 @@ def int_accumulate(act, w, wp, zw, xp=None):
     zw = _signed_zero(zw, wp.qt)  # (n or 1, G)
     m, n, groups = cx.shape[0], wp.n, wp.groups
     g = min(wp.bk, wp.k)
-    per, fields = _weight_operands(w, wp)
+    per, ka, fields = _weight_operands(w, wp)
     acc = rows = cols = None
     for r, wr in enumerate(fields):
         xr = cx[:, r::per] if per > 1 else cx
         if groups == 1:
-            a = int8_dot(xr, wr, (((1,), (1,)), ((), ())))[None]
-            xv, wv = xr[:, None, :], wr[:, None, :]
+            a = int8_dot(xr, wr, (((1,), (ka,)), ((), ())))[None]
+            xv, wv = xr[:, None, :], (wr[:, None, :] if ka else wr[None])
         else:
             gr = g // per
-            xv = _pad_cols(xr, groups * gr).reshape(m, groups, gr)
-            wv = _pad_cols(wr, groups * gr).reshape(n, groups, gr)
-            a = int8_dot(xv, wv, (((2,), (2,)), ((1,), (1,))))
+            xv = _pad_axis(xr, 1, groups * gr).reshape(m, groups, gr)
+            if ka:
+                wv = _pad_axis(wr, 1, groups * gr).reshape(n, groups, gr)
+                a = int8_dot(xv, wv, (((2,), (2,)), ((1,), (1,))))
+            else:
+                wv = _pad_axis(wr, 0, groups * gr).reshape(groups, gr, n)
+                a = int8_dot(xv, wv, (((2,), (1,)), ((1,), (0,))))
         acc = a if acc is None else acc + a
         if zw is not None:
             t = jnp.sum(xv, axis=2, dtype=jnp.int32)  # (m, G)
             rows = t if rows is None else rows + t
         if zx is not None:
-            t = jnp.sum(wv, axis=2, dtype=jnp.int32)  # (n, G)
+            t = jnp.sum(wv, axis=2, dtype=jnp.int32) if ka else jnp.sum(
+                wv, axis=1, dtype=jnp.int32).T  # (n, G)
             cols = t if cols is None else cols + t
     # sum (qx - zx)(qw - zw) = sum qx qw - zw sum qx - zx sum qw + count zx zw
     if zw is not None:
