@@ -114,6 +114,9 @@ def check_layer(path: str, layer, x_shape, dtype) -> None:
     import jax
 
     try:
-        jax.eval_shape(layer, jax.ShapeDtypeStruct(tuple(x_shape), dtype))
+        # A fresh function: jit caches on it, and comparing modules would compare tracers.
+        jax.eval_shape(lambda x: layer(x), jax.ShapeDtypeStruct(tuple(x_shape), dtype))
     except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):  # JAX's own errors take other arguments
+            raise
         raise type(e)(f"{path}: the quantized layer cannot run: {e}") from e
