@@ -254,6 +254,8 @@ def quantize_leaf(rule: Rule, path: str, x, stats=None):
     try:
         return rule.quantize(x, stats)
     except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):
+            raise  # a subclass (JAX's tracer errors) may not take one message: keep it as is
         raise type(e)(f"cannot quantize {path!r} of shape {tuple(x.shape)} with {rule!r}: {e}") \
             from e
 
