@@ -19,7 +19,7 @@ Paths are those of :func:`arrayquant.tree_paths`: a layer's weight is
 it is: per output channel is ``axis=0``, groups along the input features are
 ``group_size=g`` (``group_axis=-1``, the default).
 
-Example:
+Examples:
     >>> import jax, equinox as eqx, arrayquant as aq
     >>> from arrayquant.integrations.equinox import quantize_model
     >>> mlp = eqx.nn.MLP(16, 8, 32, 1, key=jax.random.key(0))

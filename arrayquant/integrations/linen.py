@@ -32,7 +32,7 @@ Rules are :class:`~arrayquant.Rule` s matched on the paths of the params tree
 is ``axis=-1``, groups along the input features ``group_size=g,
 group_axis=0``.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, arrayquant as aq
     >>> from arrayquant.integrations import linen as aql
     >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(8)])

@@ -26,7 +26,7 @@ Rules see the ``(in, out)`` kernel as it is, as :func:`arrayquant.quantize_tree`
 on the state would: per output channel is ``axis=1`` (or ``-1``), groups
 along the input features are ``group_size=g, group_axis=0``.
 
-Example:
+Examples:
     >>> from flax import nnx
     >>> import jax.numpy as jnp, arrayquant as aq
     >>> from arrayquant.integrations.nnx import quantize_model
