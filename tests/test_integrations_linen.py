@@ -133,6 +133,10 @@ def test_errors(setup):
         aql.quantize_params(params, aq.Rule(dtype="int8", min_ndim=1))
     with pytest.raises(ValueError, match="act_dtype|unknown"):
         aql.apply(MODEL, {"params": params}, x, act_dtype="int99")
+    with pytest.raises(ValueError, match="at most 8 bits"):  # at entry, before any apply
+        aql.quantized(act_dtype="int16").__enter__()
+    with pytest.raises(ValueError, match="unsigned"):
+        aql.fake_quantized(FQ_RULES, act_dtype="uint8").__enter__()
 
     with pytest.raises(ValueError, match="DenseGeneral"):  # contracts axis 0, not the last
         aql.apply(nn.DenseGeneral(4, axis=0),
@@ -200,13 +204,14 @@ def test_fake_quantized_w8a8_matches_integer_product(setup):
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
     assert float(jnp.max(jnp.abs(g["Dense_0"]["kernel"]))) > 0
 
-    def both(p, qp):
-        with aql.fake_quantized(rules, act_dtype=act):
+    def both(p, qp, sym):
+        with aql.fake_quantized(rules, act_dtype=act, act_symmetric=sym):
             y_fake = MODEL.apply({"params": p}, x)
-        return y_fake, aql.apply(MODEL, {"params": qp}, x, act_dtype=act)
+        return y_fake, aql.apply(MODEL, {"params": qp}, x, act_dtype=act, act_symmetric=sym)
 
-    y_fake, y_int = jax.jit(both)(params, aql.export(params, rules))
-    np.testing.assert_allclose(y_int, y_fake, rtol=1e-5, atol=1e-5)
+    for sym in (True, False):  # per-token activations, symmetric or with zero points
+        y_fake, y_int = jax.jit(both, static_argnums=2)(params, aql.export(params, rules), sym)
+        np.testing.assert_allclose(y_int, y_fake, rtol=1e-5, atol=1e-5)
 
 
 def test_eager_apply_with_numpy_qarrays(setup):

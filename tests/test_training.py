@@ -225,6 +225,15 @@ def test_lsq_init_minmax_starts_at_fake_quantize_and_errors_are_clear():
         aq.fake_quantize_with(x, s, None, "uint4", group_size=4)
     with pytest.raises(ValueError, match="init"):
         aq.lsq_init(x, init="lss")
+    for bad_s, bad_z, what in [(s * np.float32(np.nan), zp, "scale"),
+                               (s, zp + np.float32(np.inf), "zero_point")]:
+        with pytest.raises(ValueError, match=f"{what} holds NaN"):
+            aq.fake_quantize_with(x, bad_s, bad_z, "int4", group_size=4)
+        with pytest.raises(ValueError, match=f"{what} holds NaN"):
+            aq.quantize_learned(x, bad_s, bad_z, "int4", group_size=4)
+    for bad in ("a", 0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="grad_scale"):
+            aq.fake_quantize_with(x, s, zp, "int4", group_size=4, grad_scale=bad)
 
 
 def test_lsq_per_tensor_activation_scale_is_a_0d_array():

@@ -55,8 +55,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from arrayquant.affine.methods import is_data_aware
+from arrayquant.integrations._common import check_act
 from arrayquant.products import matmul
-from arrayquant.qtypes import as_qtype
 from arrayquant.training import fake_quantize
 from arrayquant.trees import as_rules, flatten_tree, is_quantized, quantize_tree, select_rule
 
@@ -190,13 +190,6 @@ def _intercept(replace):
     return interceptor
 
 
-def _check_act(act_dtype, act_symmetric):
-    if act_dtype is not None:
-        as_qtype(act_dtype)
-    if not isinstance(act_symmetric, bool):
-        raise TypeError(f"act_symmetric must be True or False; got {act_symmetric!r}")
-
-
 @contextlib.contextmanager
 def quantized(act_dtype=None, *, act_symmetric: bool = True):
     """Inside this context, Dense layers with a quantized kernel run ``aq.matmul``.
@@ -223,7 +216,7 @@ def quantized(act_dtype=None, *, act_symmetric: bool = True):
             that is not 2-D or a DenseGeneral over other axes; the errors of
             :func:`arrayquant.matmul`.
     """
-    _check_act(act_dtype, act_symmetric)
+    check_act(act_dtype, act_symmetric)
 
     def replace(module, kernel, x, path):
         if not is_quantized(kernel):
@@ -245,7 +238,7 @@ def apply(model, variables, *args, act_dtype=None, act_symmetric: bool = True, *
 
 
 @contextlib.contextmanager
-def fake_quantized(rules, act_dtype=None):
+def fake_quantized(rules, act_dtype=None, *, act_symmetric: bool = True):
     """Inside this context, Dense layers run on fake-quantized kernels (training).
 
     For every ``nn.Dense`` (and ``nn.DenseGeneral`` over the last axis) whose
@@ -257,7 +250,8 @@ def fake_quantized(rules, act_dtype=None):
     exported model (:func:`export`), with clipped straight-through gradients to
     the float kernel, so ``jax.grad`` of a loss through ``model.apply`` trains it.
     With ``act_dtype`` (e.g. ``"int8"``) the layer's input is fake-quantized per
-    token too (symmetric, one scale per row, as W8A8 does it).
+    token too (one scale per row, as W8A8 does it; ``act_symmetric`` as in
+    :func:`quantized`).
 
     Layers no rule selects (or whose rule has ``dtype=None``) and quantized
     kernels run unchanged, so this nests with :func:`quantized`. Enter it inside
@@ -277,7 +271,7 @@ def fake_quantized(rules, act_dtype=None):
         if r.dtype is not None and is_data_aware(r.method):
             raise ValueError(f"fake_quantized: {r!r} has the data-aware method {r.method!r}, "
                              "which quantizes with activation statistics, not in training")
-    _check_act(act_dtype, True)
+    check_act(act_dtype, act_symmetric)
 
     def replace(module, kernel, x, path):
         if is_quantized(kernel):
@@ -290,7 +284,7 @@ def fake_quantized(rules, act_dtype=None):
         fq = fake_quantize(kernel, rule.dtype, rule.symmetric, rule.axis, rule.group_size,
                            rule.group_axis, scale_dtype=rule.scale_dtype, method=rule.method)
         if act_dtype is not None:
-            x = fake_quantize(x, act_dtype, True, tuple(range(x.ndim - 1)) or None)
+            x = fake_quantize(x, act_dtype, act_symmetric, tuple(range(x.ndim - 1)) or None)
         return _float_forward(module, x, fq)
 
     with nn.intercept_methods(_intercept(replace)):

@@ -71,6 +71,8 @@ def _check(x, scale, zero_point, dtype, group_size, group_axis):
             "point (lsq_init gives one)")
     b = qparams_blocking(x.shape, scale, None, group_size, group_axis)
     raise_if_not_finite(xp, x)
+    raise_if_not_finite(xp, scale, what="scale")
+    raise_if_not_finite(xp, zero_point, what="zero_point")
     return xp, qt, b
 
 
@@ -94,7 +96,8 @@ def _forward(x, s, z, qt: QType, b: Blocking, xp):
 
 
 def default_grad_scale(qt: QType, b: Blocking, symmetric: bool) -> float:
-    """LSQ's ``1 / sqrt(n * Q_P)``: ``n`` elements per block, ``Q_P`` the largest code."""
+    """LSQ's ``1 / sqrt(n * Q_P)``: ``n`` elements per block (the nominal block size, also
+    for a partial last group), ``Q_P`` the largest code."""
     return 1.0 / math.sqrt(math.prod(b.block) * clip_range(qt, symmetric)[1])
 
 
@@ -140,16 +143,24 @@ def fake_quantize_with(x, scale, zero_point=None, dtype="int8", *, group_size=No
     On JAX, gradients flow to ``x``, ``scale`` and ``zero_point`` by the LSQ / LSQ+
     estimators (module :mod:`arrayquant.training.lsq`); ``grad_scale`` multiplies the
     scale's and zero point's gradients (default ``1 / sqrt(n * Q_P)``; ``1.0`` turns it
-    off). Other array libraries get the forward value.
+    off; ``n`` is the nominal block size, also for a partial last group). Other array
+    libraries get the forward value.
 
     Raises:
         TypeError: non-float ``x`` or ``scale``; an integer ``zero_point``.
         ValueError: shapes that do not fit; ``zero_point=None`` with an unsigned type; NaN
-            or inf in ``x`` (eager).
+            or inf in ``x``, ``scale`` or ``zero_point`` (eager); a ``grad_scale`` that is
+            not a positive finite number.
     """
     xp, qt, b = _check(x, scale, zero_point, dtype, group_size, group_axis)
-    gscale = default_grad_scale(qt, b, zero_point is None) if grad_scale is None else float(
-        grad_scale)
+    if grad_scale is None:
+        gscale = default_grad_scale(qt, b, zero_point is None)
+    elif (isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool)
+          and math.isfinite(grad_scale) and grad_scale > 0):
+        gscale = float(grad_scale)
+    else:
+        raise ValueError(f"grad_scale={grad_scale!r}: expected None (LSQ's 1 / sqrt(n * Q_P)) "
+                         "or a positive finite number (1.0 turns the scaling off)")
 
     def value(x, scale, zero_point):
         s, z = _used(scale, zero_point, qt, x.dtype, xp)
